@@ -1,0 +1,100 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The echo protocol (RFC 862), made safe for clients that misbehave.
+
+Stock L{twisted.protocols.wire.Echo} is three lines and has two faults that
+matter to a service: it buffers without bound for a client that writes and
+never reads, and it throws away the unsent tail when a client half-closes.
+L{Echo} keeps the three-line data path and fixes both in C{connectionMade} and
+C{readConnectionLost}. Limits, timeouts and counters live in the factory.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from echoplug.factory import EchoFactory
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """
+    Send back every byte received, at the pace the peer reads them.
+
+    @ivar bytesIn: bytes received so far (each one is echoed).
+    @ivar started: C{time.monotonic()} when the connection was made.
+    @ivar closeReason: why echoplug closed the connection itself, if it did;
+        the access-log line shows it instead of the transport's reason.
+    """
+
+    factory: EchoFactory
+    bytesIn = 0
+    started = 0.0
+    closeReason: str | None = None
+
+    def connectionMade(self) -> None:
+        # The transport is its own streaming producer: when its send buffer
+        # fills, it pauses itself and so stops reading, so a client that
+        # writes and never reads cannot grow the server (as in portforward.py).
+        self.transport.registerProducer(self.transport, True)
+        self.started = time.monotonic()
+        self.factory.connectionMade(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        # The peer sent EOF (shutdown(SHUT_WR)). Unregister the producer first:
+        # loseConnection() waits for a registered producer, and only then
+        # flushes what is buffered and closes.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        # The peer will read no more; nothing we send can arrive.
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.factory.connectionLost(self, reason)
+
+    def close(self, why: str) -> None:
+        """
+        Close this connection at once, unsent data and all, and say why in
+        the access log. Used for timeouts, caps and the end of a drain.
+        """
+        if self.closeReason is None:
+            self.closeReason = why
+        self.transport.abortConnection()
+
+
+class TracingEcho(Echo):
+    """
+    L{Echo} that logs every event, the way the original select() server
+    printed them: "connection from", "received ... from", "sending ... to",
+    "closing". Chosen by C{--trace}; never on the fast path otherwise.
+    """
+
+    log = Logger(namespace="echoplug.trace")
+
+    def connectionMade(self) -> None:
+        self.peer = self.factory.peerOf(self.transport)
+        self.log.info("connection from {peer}", peer=self.peer)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.log.info("received {data!r} from {peer}", data=data, peer=self.peer)
+        self.log.info("sending {data!r} to {peer}", data=data, peer=self.peer)
+        super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        self.log.info("closing {peer} after reading no data", peer=self.peer)
+        super().readConnectionLost()
