@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd echoplug} command line: L{Options} and L{makeService}, in the
+shape of C{twisted/web/tap.py}.
+
+A bare port number means TCP on 127.0.0.1, as the original select() server
+bound localhost; anything else is a Twisted server endpoint string
+(C{tcp:}, C{tcp6:}, C{unix:}, C{ssl:}, C{systemd:}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.python import usage
+
+from echoplug.factory import EchoFactory
+from echoplug.logs import FORMATS, LEVELS, makeObserver
+from echoplug.service import EchoService
+
+DEFAULT_PORT = "10000"
+
+
+def endpointDescription(port: str) -> str:
+    """
+    Turn a C{--port} value into an endpoint description: a bare number is
+    TCP on 127.0.0.1, anything else must already be an endpoint string.
+
+    @raise usage.UsageError: for a bad number or something that is neither.
+    """
+    port = port.strip()
+    if port.lstrip("+-").isdigit():
+        number = int(port)
+        if not 0 <= number <= 65535:
+            raise usage.UsageError(f"--port {port}: a port number is 0 to 65535")
+        return f"tcp:{number}:interface=127.0.0.1"
+    if ":" not in port:
+        raise usage.UsageError(
+            f"--port {port!r}: not a port number or an endpoint (such as tcp:10000)"
+        )
+    return port
+
+
+def parseEndpoint(description: str) -> IStreamServerEndpoint:
+    """
+    Build the server endpoint for C{description} with the installed reactor
+    (twistd installs the one named by C{-r} before it parses plugin options).
+
+    @raise usage.UsageError: for anything Twisted cannot parse, with its
+        own words, so a typo is one line and not a traceback.
+    """
+    from twisted.internet import reactor
+
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        why = str(e) or type(e).__name__
+        if description.startswith("systemd:"):
+            why = (f"no such socket was passed by the service manager "
+                   f"(LISTEN_FDS/LISTEN_FDNAMES): {why}")
+        raise usage.UsageError(f"--port {description}: {why}") from None
+
+
+class Options(usage.Options):
+    """
+    Options of the C{twistd echoplug} plugin.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Echo every byte back to its sender (RFC 862), at the pace the sender "
+        "reads, and finish the echo after a half-close."
+    )
+    optParameters = [
+        ["log-level", None, None, "Log only at this level or above: "
+         + ", ".join(LEVELS) + ". [default: info]"],
+        ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
+         "line (json), to stdout. Given either, echoplug owns the log and twistd's "
+         "--logfile is not used. [default: text]"],
+    ]
+    optFlags = [
+        ["trace", None, "Log every event (connection, data received and sent, closing), "
+         "like the original select() server. Slow: for debugging only."],
+    ]
+    compData = usage.Completions(
+        optActions={
+            "log-level": usage.CompleteList(list(LEVELS)),
+            "log-format": usage.CompleteList(list(FORMATS)),
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, port: str) -> None:
+        """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug. [default: 10000]"""  # noqa: E501
+        self["ports"].append(endpointDescription(port))
+
+    opt_p = opt_port
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # twistd answers a UsageError with its whole usage text; a mistake on
+        # the command line deserves one line on stderr and a non-zero exit.
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd echoplug: {e} (see twistd echoplug --help)") from None
+
+    def postOptions(self) -> None:
+        # Only when asked for does echoplug replace twistd's log observer.
+        self["own-log"] = self["log-level"] is not None or self["log-format"] is not None
+        self["log-level"] = self["log-level"] or "info"
+        self["log-format"] = self["log-format"] or "text"
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError(
+                f"--log-level {self['log-level']!r}: choose one of {', '.join(LEVELS)}"
+            )
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(
+                f"--log-format {self['log-format']!r}: choose one of {', '.join(FORMATS)}"
+            )
+        if not self["ports"]:
+            self["ports"] = [endpointDescription(DEFAULT_PORT)]
+        self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
+
+    def opt_version(self) -> None:
+        """Print echoplug's version and exit."""
+        from echoplug import __version__
+
+        print(f"echoplug {__version__}")
+        raise SystemExit(0)
+
+
+def makeService(config: Options) -> IService:
+    """
+    Build the echoplug service: one factory shared by a listener per C{--port}.
+    """
+    factory = EchoFactory(trace=config["trace"], logLevel=config["log-level"])
+    observer = None
+    if config["own-log"]:
+        observer = makeObserver(config["log-format"], config["log-level"])
+    service = EchoService(factory, logObserver=observer)
+    for description, endpoint in config["endpoints"]:
+        service.listen(description, endpoint)
+    return service
