@@ -1,0 +1,244 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+C{echoplug-client}: the original multi-socket chunked echo client, on Twisted.
+
+With no options it does what the original did: open two sockets to
+localhost:10000 and, for each of three messages, send it on every socket,
+then read the answer on every socket, printing::
+
+    ('127.0.0.1', 50012): sending "This is the message. "
+    ('127.0.0.1', 50012): received "This is the message. "
+
+Unlike the original, which printed whatever one C{recv(1024)} returned, it
+waits until the whole echo is back (TCP may split it), checks every byte,
+and exits 0 only if everything matched. A refused connection, a timeout or a
+mismatch is one line on stderr and exit status 1; a bad option is status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IAddress, IConnector
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+MESSAGES = ["This is the message. ", "It will be sent ", "in parts."]
+
+
+class ClientError(Exception):
+    """A failure to report as one line: refused, timed out, cut or mismatched."""
+
+
+class EchoClient(Protocol):
+    """
+    One client socket: collects what comes back and hands out exactly the
+    number of bytes that was asked for.
+    """
+
+    factory: EchoClientFactory
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiting: tuple[int, defer.Deferred[bytes]] | None = None
+        self.closed: Failure | None = None
+
+    name = "(unconnected)"
+
+    def connectionMade(self) -> None:
+        # The local address, as the original printed getsockname().
+        host = self.transport.getHost()
+        self.name = repr((host.host, host.port))
+        self.factory.connected.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        self._check()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectError())) -> None:  # noqa: B008
+        self.closed = reason
+        self._check()
+
+    def expect(self, count: int) -> defer.Deferred[bytes]:
+        """Fire with the next C{count} bytes, once that many have arrived."""
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.waiting = (count, d)
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        if self.waiting is None:
+            return
+        count, d = self.waiting
+        if d.called:  # cancelled by the timeout
+            self.waiting = None
+        elif len(self.buffer) >= count:
+            self.waiting = None
+            data = bytes(self.buffer[:count])
+            del self.buffer[:count]
+            d.callback(data)
+        elif self.closed is not None:
+            self.waiting = None
+            d.errback(ClientError(
+                f"{self.name}: connection closed after {len(self.buffer)} of {count} bytes"
+            ))
+
+
+class EchoClientFactory(ClientFactory):
+    """
+    Make one L{EchoClient}; C{connected} fires with it, or fails with a
+    L{ClientError} if the connection cannot be made.
+    """
+
+    protocol = EchoClient
+    noisy = False
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.connected: defer.Deferred[EchoClient] = defer.Deferred()
+
+    def buildProtocol(self, addr: IAddress) -> EchoClient:
+        p = self.protocol()
+        p.factory = self
+        return p
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        why = reason.getErrorMessage().rstrip(".")
+        errno = getattr(reason.value, "osError", None)
+        if isinstance(errno, int):
+            why = os.strerror(errno)  # "Connection refused", not "111"
+        self.connected.errback(ClientError(f"cannot connect to {self.where}: {why}"))
+
+
+def show(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+async def converse(reactor: Any, options: argparse.Namespace) -> None:
+    """
+    Run the original client's conversation: every message on every socket,
+    then every answer, checked byte for byte.
+    """
+    where = f"{options.host}:{options.port}"
+    clients: list[EchoClient] = []
+    try:
+        for _ in range(options.connections):
+            factory = EchoClientFactory(where)
+            reactor.connectTCP(options.host, options.port, factory, timeout=options.timeout)
+            clients.append(await factory.connected)
+        for message in options.message:
+            payload = message.encode("utf-8")
+            for c in clients:
+                print(f'{c.name}: sending "{message}"')
+                c.transport.write(payload)
+            for c in clients:
+                echoed = await c.expect(len(payload))
+                print(f'{c.name}: received "{show(echoed)}"')
+                if echoed != payload:
+                    raise ClientError(
+                        f"{c.name}: echo mismatch: sent {payload!r}, received {echoed!r}"
+                    )
+    finally:
+        for c in clients:
+            c.transport.loseConnection()
+
+
+def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="echoplug-client",
+        description="Send messages on several sockets to an echo server and check "
+        "every byte that comes back. Exit 0 only if all of it matched.",
+    )
+    parser.add_argument("--host", default="localhost", help="server host [localhost]")
+    parser.add_argument("--port", type=portNumber, default=10000, help="server port [10000]")
+    parser.add_argument("--connections", type=positiveInt, default=2,
+                        help="sockets to open [2]")
+    parser.add_argument("--message", action="append",
+                        help="a message to send (repeatable) [the original three]")
+    parser.add_argument("--reactor", default=None,
+                        help="Twisted reactor: select, poll, epoll, asyncio [default]")
+    parser.add_argument("--timeout", type=positiveFloat, default=10.0,
+                        help="give up after this many seconds [10]")
+    options = parser.parse_args(argv)
+    if options.message is None:
+        options.message = list(MESSAGES)
+    if any(m == "" for m in options.message):
+        parser.error("--message: an empty message cannot be echoed")
+    return options
+
+
+def portNumber(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def positiveInt(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def positiveFloat(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def installReactor(name: str | None) -> Any:
+    """Install the named reactor (as C{twistd -r} would) and return it."""
+    if name is not None:
+        from twisted.application.reactors import NoSuchReactor, installReactor
+
+        try:
+            installReactor(name)
+        except NoSuchReactor:
+            raise SystemExit(f"echoplug-client: no such reactor: {name!r}") from None
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parseArgs(argv)
+    reactor = installReactor(options.reactor)
+    outcome: list[BaseException] = []
+
+    def run(reactor: Any) -> defer.Deferred[None]:
+        d = defer.ensureDeferred(converse(reactor, options))
+        d.addTimeout(options.timeout, reactor)
+        d.addErrback(lambda f: outcome.append(f.value))
+        return d
+
+    from twisted.internet.task import react
+
+    try:
+        react(run, [], _reactor=reactor)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            outcome.append(e)
+    if outcome:
+        error = outcome[0]
+        if isinstance(error, defer.TimeoutError):
+            why = f"timed out after {options.timeout:g}s waiting for {options.host}:{options.port}"
+        elif isinstance(error, ClientError):
+            why = str(error)
+        else:
+            why = f"{type(error).__name__}: {error}"
+        print(f"echoplug-client: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
