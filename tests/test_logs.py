@@ -1,0 +1,88 @@
+"""
+Tests of L{echoplug.logs}: addresses, level filtering and the JSON format,
+in-process and through a real twistd.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
+
+from echoplug.logs import formatAddress, makeObserver
+from tests.support import connect, recvAll, twistd
+
+
+def test_format_address() -> None:
+    assert formatAddress(IPv4Address("TCP", "127.0.0.1", 80)) == "127.0.0.1:80"
+    assert formatAddress(IPv6Address("TCP", "::1", 80)) == "[::1]:80"
+    assert formatAddress(UNIXAddress(b"/run/e.sock")) == "/run/e.sock"
+    assert formatAddress(UNIXAddress(None)) == "unix"
+
+
+def test_level_filter_and_json() -> None:
+    out = io.StringIO()
+    log = Logger(namespace="t", observer=makeObserver("json", "warn", out))
+    log.info("quiet {x}", x=1)
+    log.warn("loud {x}", x=2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["x"] == 2
+    assert event["level"] == "warn"
+    assert event["message"] == "loud 2"
+    assert event["namespace"] == "t"
+
+
+def test_text_observer() -> None:
+    out = io.StringIO()
+    log = Logger(namespace="t", observer=makeObserver("text", "info", out))
+    log.debug("hidden")
+    log.info("shown {x}", x=3)
+    assert "shown 3" in out.getvalue()
+    assert "hidden" not in out.getvalue()
+
+
+def test_access_line_and_debug_open(tmp_path) -> None:
+    with twistd(None, "--log-level", "debug", cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            s.sendall(b"abc")
+            assert s.recv(3) == b"abc"
+        server.waitFor(r"open 127\.0\.0\.1:\d+")
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 3 bytes echoed, closed")
+        assert line
+
+
+def test_default_level_hides_debug(tmp_path) -> None:
+    with twistd(None, cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            s.sendall(b"abcd")
+            s.shutdown(2 - 1)  # SHUT_WR
+            assert recvAll(s) == b"abcd"
+        server.waitFor(r"close .* 4 bytes echoed")
+    assert " open 127.0.0.1" not in server.output()
+
+
+def test_warn_level_hides_access_line(tmp_path) -> None:
+    with twistd(None, "--log-level", "warn", cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            s.sendall(b"abcd")
+            assert s.recv(4) == b"abcd"
+    assert "bytes echoed" not in server.output()
+
+
+def test_json_format_through_twistd(tmp_path) -> None:
+    with twistd(None, "--log-format", "json", cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            s.sendall(b"abcde")
+            assert s.recv(5) == b"abcde"
+        server.waitFor(r'"bytes": 5')
+    events = [json.loads(line) for line in server.lines if line.startswith("{")]
+    assert events, server.output()
+    closes = [e for e in events if e.get("bytes") == 5]
+    assert closes and closes[0]["level"] == "info"
+    assert closes[0]["peer"].startswith("127.0.0.1:")
+    assert "5 bytes echoed" in closes[0]["message"]
+    assert closes[0]["namespace"].startswith("echoplug")
