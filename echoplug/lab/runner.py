@@ -144,7 +144,7 @@ def percentile(sorted_: Sequence[int], q: float) -> float:
     """The nearest-rank percentile C{q} (0 to 100) of sorted samples."""
     if not sorted_:
         return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_)))
+    rank = max(1, math.ceil(q * len(sorted_) / 100 - 1e-9))  # 99.9% of 1000 is 999
     return float(sorted_[min(rank, len(sorted_)) - 1])
 
 
