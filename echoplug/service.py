@@ -6,14 +6,20 @@ L{EchoService} is a L{MultiService} of L{Listener}s that share one
 L{EchoFactory}. A listener binds in C{privilegedStartService}, before twistd
 drops privileges, and turns a port that cannot be bound into one line and a
 non-zero exit instead of a traceback.
+
+The service also owns what spans the process's life: the idle-timeout sweep,
+the cap that keeps the select reactor below FD_SETSIZE, and the graceful
+drain on SIGTERM (stop listening, let open connections finish, abort what is
+left at the drain timeout).
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -36,6 +42,25 @@ def reactorName(reactor: object) -> str:
         if installer.shortName != "default" and installer.moduleName == module:
             return installer.shortName
     return type(reactor).__name__
+
+
+#: select() cannot watch a descriptor at or above this (Python raises
+#: ValueError, and Twisted's SelectReactor then drops descriptors silently).
+FD_SETSIZE = 1024
+#: Descriptors kept free under the select reactor for what is not a
+#: connection: stdio, listening ports, log files, the reactor's waker, the
+#: descriptor Twisted reserves for EMFILE recovery, a socket being refused.
+FD_HEADROOM = 64
+
+
+def selectWall(reactor: object) -> int | None:
+    """
+    FD_SETSIZE if C{reactor} waits with select(), else C{None} (poll, epoll
+    and asyncio's epoll selector have no such limit).
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    return FD_SETSIZE if isinstance(reactor, SelectReactor) else None
 
 
 class Listener(Service):
@@ -96,12 +121,33 @@ class Listener(Service):
 class EchoService(MultiService):
     """
     One echoplug server: its listeners and the factory they share.
+
+    @ivar drainTimeout: seconds that open connections get to finish after
+        C{stopService} (SIGTERM) before they are aborted.
     """
 
-    def __init__(self, factory: EchoFactory, logObserver: ILogObserver | None = None) -> None:
+    log = Logger(namespace="echoplug")
+    #: The sweep runs this many times per idle timeout, so a connection is
+    #: closed between 1 and 1.25 (plus one reactor turn) timeouts idle.
+    sweepsPerTimeout = 4
+
+    def __init__(
+        self,
+        factory: EchoFactory,
+        logObserver: ILogObserver | None = None,
+        drainTimeout: float = 5.0,
+        reactor: Any = None,
+    ) -> None:
         super().__init__()
         self.factory = factory
         self.logObserver = logObserver
+        self.drainTimeout = drainTimeout
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self._sweeper: task.LoopingCall | None = None
+        self._draining: defer.Deferred[None] | None = None
+        self._drainTimer: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes an Application (a Componentized) and starts logging to
@@ -123,3 +169,110 @@ class EchoService(MultiService):
     def whenListening(self) -> defer.Deferred[list[IListeningPort]]:
         """Fires with every listening port, once all of them listen."""
         return defer.gatherResults([listener.ready for listener in self.listeners])
+
+    def privilegedStartService(self) -> None:
+        self.applySelectWall()
+        super().privilegedStartService()
+
+    def applySelectWall(self) -> None:
+        """
+        Under the select reactor, cap open connections so that no descriptor
+        reaches FD_SETSIZE; warn if a larger --max-connections was asked for.
+        """
+        wall = selectWall(self.reactor)
+        if wall is None or self.factory.fdWall is not None:
+            return
+        factory = self.factory
+        cap = wall - FD_HEADROOM
+        factory.fdWall = wall
+        asked = factory.maxConnections
+        if asked is not None and asked <= cap:
+            return
+        factory.maxConnections = cap
+        if asked is None:
+            self.log.info(
+                "select reactor: at most {cap} connections (select() cannot watch "
+                "descriptors past {wall}; use -r epoll for more)", cap=cap, wall=wall)
+        else:
+            self.log.warn(
+                "select reactor: --max-connections {asked} lowered to {cap} (select() "
+                "cannot watch descriptors past {wall}; use -r epoll for more)",
+                asked=asked, cap=cap, wall=wall)
+
+    def startService(self) -> None:
+        self._draining = None
+        super().startService()
+        timeout = self.factory.idleTimeout
+        if timeout:
+            self._sweeper = task.LoopingCall(self.factory.sweepIdle)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(timeout / self.sweepsPerTimeout, now=False)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop listening at once, then drain: open connections keep echoing
+        until their clients finish, and whatever is open after
+        C{drainTimeout} seconds is aborted. Fires when no connection is left.
+        """
+        if self._draining is not None:
+            return self._draining
+        self._hurryOnSignals()
+        stopped = super().stopService()
+        d = defer.Deferred()
+        self._draining = d
+        n = len(self.factory.connections)
+        if n:
+            self.log.info("stopped listening; draining {n} connection(s), at most {t:g}s",
+                          n=n, t=self.drainTimeout)
+        self._drainTimer = self.reactor.callLater(self.drainTimeout, self._endDrain,
+                                                  "drain timeout")
+        empty = self.factory.whenEmpty()
+        empty.addCallback(lambda _: self._drained())
+        stopped.addErrback(lambda f: self.log.failure("while stopping listeners", f))
+        return defer.gatherResults([stopped, d]).addCallback(lambda _: None)
+
+    def _endDrain(self, why: str) -> None:
+        """Abort every connection still open; the drain ends right after."""
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        n = self.factory.closeAll(why)
+        if n:
+            self.log.info("{why}: closed {n} connection(s)", why=why, n=n)
+        # The aborted connections report connectionLost on the next reactor
+        # turn; never wait longer than that, whatever a transport does.
+        self.reactor.callLater(0.5, self._drained)
+
+    def _drained(self) -> None:
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        d = self._draining
+        if d is not None and not d.called:
+            d.callback(None)
+
+    def _hurryOnSignals(self) -> None:
+        """
+        Once shutdown has begun, a second SIGTERM or SIGINT ends the drain at
+        once. Twisted's own handler would call reactor.stop() again, which
+        raises ReactorNotRunning and logs a traceback.
+        """
+        if self.reactor is not _globalReactor():
+            return
+
+        def hurry(number: int, frame: object) -> None:
+            self.reactor.callFromThread(self._endDrain, "second signal")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, hurry)
+            except ValueError:  # not the main thread (tests): leave it
+                pass
+
+
+def _globalReactor() -> object:
+    from twisted.internet import reactor
+
+    return reactor
