@@ -205,7 +205,7 @@ class EchoFactory(ServerFactory):
             if mark != p.idleMark:
                 p.idleMark = mark
                 p.idleSince = now
-            elif not p.idleSince:
+            elif p.idleSince is None:
                 p.idleSince = now  # first sweep that saw it: idle from here
             elif now - p.idleSince >= timeout:
                 # Nothing left to send: a FIN. Stuck with unsent bytes (or

@@ -44,7 +44,7 @@ class Echo(Protocol):
     peerHost: str | None = None  # the key in factory.perPeer, under a per-peer cap
     counted = True  # False if refused in connectionMade (the select wall)
     idleMark: tuple[int, int] = (0, 0)  # (bytesIn, unsent bytes) at the last sweep
-    idleSince = 0.0  # when idleMark last changed
+    idleSince: float | None = None  # when idleMark last changed
 
     def connectionMade(self) -> None:
         # The transport is its own streaming producer: when its send buffer
