@@ -167,7 +167,7 @@ def clientFrom(host: str, port: int) -> socket.socket:
 
 def test_caps_through_twistd(tmp_path) -> None:
     with twistd(None, "--max-connections", "3", "--max-connections-per-peer", "2",
-                cwd=tmp_path) as server:
+                "--drain-timeout", "0", cwd=tmp_path) as server:
         a1, a2 = connect(server.port), connect(server.port)
         assert served(a1) and served(a2)
         assert not served(connect(server.port))  # third from 127.0.0.1
@@ -185,7 +185,8 @@ def test_caps_through_twistd(tmp_path) -> None:
 
 
 def test_refusal_flood_logs_few_lines(tmp_path) -> None:
-    with twistd(None, "--max-connections", "1", cwd=tmp_path) as server:
+    with twistd(None, "--max-connections", "1", "--drain-timeout", "0",
+                cwd=tmp_path) as server:
         keep = connect(server.port)
         assert served(keep)
         for _ in range(300):
@@ -200,7 +201,8 @@ def test_refusal_flood_logs_few_lines(tmp_path) -> None:
 
 @pytest.mark.parametrize("reactor", REACTORS)
 def test_idle_timeout_closes_idle_and_paused(tmp_path, reactor: str) -> None:
-    with twistd(reactor, "--idle-timeout", "0.5", cwd=tmp_path) as server:
+    with twistd(reactor, "--idle-timeout", "0.5", "--drain-timeout", "0",
+                cwd=tmp_path) as server:
         idle = connect(server.port)
         assert served(idle)
         # A client that writes and never reads: the server pauses it.

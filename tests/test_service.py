@@ -194,8 +194,8 @@ def test_select_wall(tmp_path) -> None:
     """
     raiseNoFile(2400)
     flood: list[socket.socket] = []
-    with twistd("select", "--max-connections", "5000", cwd=tmp_path,
-                env={"ECHOPLUG_TEST_NOFILE": "4096"}) as server:
+    with twistd("select", "--max-connections", "5000", "--drain-timeout", "0",
+                cwd=tmp_path) as server:
         server.waitFor("--max-connections 5000 lowered to 960")
         first = [connect(server.port) for _ in range(10)]
         assert all(served(s) for s in first)
@@ -278,7 +278,8 @@ def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
                 f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
                 "os.execv(sys.argv[1], sys.argv[1:])")
     argv = [sys.executable, "-c", launcher, *twistdCommand(), "-r", reactorName, "-n",
-            "--pidfile=", "echoplug", "--port", "tcp:0:interface=127.0.0.1"]
+            "--pidfile=", "echoplug", "--port", "tcp:0:interface=127.0.0.1",
+            "--drain-timeout", "0"]
     server = startProcess(argv, tmp_path)
     try:
         port = int(server.waitFor(LISTENING.pattern)["port"])
@@ -311,7 +312,7 @@ def test_hostile_peers_do_not_disturb_others(tmp_path, reactorName: str) -> None
     log has no traceback.
     """
     rng = random.Random(862)
-    with twistd(reactorName, cwd=tmp_path) as server:
+    with twistd(reactorName, "--drain-timeout", "0", cwd=tmp_path) as server:
         good = connect(server.port)
         expected = bytearray()
         received = bytearray()
