@@ -96,7 +96,8 @@ class EchoFactory(ServerFactory):
                 )
         p = self.protocol()
         p.factory = self
-        p.peerHost = host
+        if host is not None:
+            p.peerHost = host
         return p
 
     def refuse(self, addr: IAddress, why: str) -> None:

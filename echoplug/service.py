@@ -63,6 +63,24 @@ def selectWall(reactor: object) -> int | None:
     return FD_SETSIZE if isinstance(reactor, SelectReactor) else None
 
 
+def raiseNoFile(wall: int | None) -> int:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit, unless select() is in
+    use (C{wall}), where more descriptors are no use; return the soft limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if wall is None and soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class Listener(Service):
     """
     Listen on one endpoint with the shared factory.
@@ -148,6 +166,7 @@ class EchoService(MultiService):
         self._sweeper: task.LoopingCall | None = None
         self._draining: defer.Deferred[None] | None = None
         self._drainTimer: Any = None
+        self._descriptorsApplied = False
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes an Application (a Componentized) and starts logging to
@@ -171,33 +190,43 @@ class EchoService(MultiService):
         return defer.gatherResults([listener.ready for listener in self.listeners])
 
     def privilegedStartService(self) -> None:
-        self.applySelectWall()
+        if not self._descriptorsApplied:
+            self._descriptorsApplied = True
+            self.applyDescriptorLimits()
         super().privilegedStartService()
 
-    def applySelectWall(self) -> None:
+    def applyDescriptorLimits(self) -> None:
         """
-        Under the select reactor, cap open connections so that no descriptor
-        reaches FD_SETSIZE; warn if a larger --max-connections was asked for.
+        Keep connections below the descriptors this process can use, so that
+        a connection over the limit is refused by echoplug (counted, and
+        logged at most once a second) instead of failing inside the reactor.
+
+        Under select, no descriptor may reach FD_SETSIZE. Otherwise the soft
+        RLIMIT_NOFILE is raised to the hard one (the soft default of 1024
+        exists for select() programs; others are expected to raise it), and
+        what is left of it caps connections. Warn if a larger
+        --max-connections was asked for.
         """
-        wall = selectWall(self.reactor)
-        if wall is None or self.factory.fdWall is not None:
-            return
         factory = self.factory
-        cap = wall - FD_HEADROOM
-        factory.fdWall = wall
+        wall = selectWall(self.reactor)
+        limit = raiseNoFile(wall)
+        reason = f"RLIMIT_NOFILE is {limit}; raise it with ulimit -n or LimitNOFILE="
+        if wall is not None:
+            factory.fdWall = wall
+            if wall <= limit:
+                limit = wall
+                reason = (f"select() cannot watch descriptors past {wall}; "
+                          "use -r epoll for more")
+        cap = max(1, limit - min(FD_HEADROOM, limit // 2))
         asked = factory.maxConnections
         if asked is not None and asked <= cap:
             return
         factory.maxConnections = cap
         if asked is None:
-            self.log.info(
-                "select reactor: at most {cap} connections (select() cannot watch "
-                "descriptors past {wall}; use -r epoll for more)", cap=cap, wall=wall)
+            self.log.info("at most {cap} connections at once ({reason})", cap=cap, reason=reason)
         else:
-            self.log.warn(
-                "select reactor: --max-connections {asked} lowered to {cap} (select() "
-                "cannot watch descriptors past {wall}; use -r epoll for more)",
-                asked=asked, cap=cap, wall=wall)
+            self.log.warn("--max-connections {asked} lowered to {cap} ({reason})",
+                          asked=asked, cap=cap, reason=reason)
 
     def startService(self) -> None:
         self._draining = None

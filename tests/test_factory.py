@@ -132,6 +132,23 @@ def test_idle_sweep_aborts_a_connection_stuck_with_unsent_bytes() -> None:
     assert aborted and proto.closeReason == "idle timeout"
 
 
+def test_descriptor_at_the_select_wall_is_refused() -> None:
+    factory = EchoFactory(clock=Clock())
+    factory.fdWall = 1024
+    for fd, served in ((1023, True), (1024, False)):
+        proto = factory.buildProtocol(peer())
+        assert proto is not None
+        transport = StringTransport(peerAddress=peer())
+        transport.fileno = lambda fd=fd: fd
+        aborted = []
+        transport.abortConnection = lambda aborted=aborted: aborted.append(True)
+        proto.makeConnection(transport)
+        assert (proto in factory.connections) is served
+        assert bool(aborted) is not served
+        lose(proto)
+    assert (factory.accepted, factory.refused) == (1, 1)
+
+
 def test_when_empty() -> None:
     clock = Clock()
     factory = EchoFactory(clock=clock)

@@ -29,6 +29,7 @@ from echoplug.service import EchoService, reactorName
 from tests.support import (
     LISTENING,
     REACTORS,
+    Server,
     connect,
     recvAll,
     startProcess,
@@ -267,22 +268,41 @@ def maxFd(pid: int) -> int:
     return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.mark.parametrize("reactorName", REACTORS)
-def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
-    """
-    With RLIMIT_NOFILE at 48, the server accepts what it can; the rest are
-    closed (Twisted's EMFILE recovery), and it keeps serving.
-    """
-    limit = 48
+def limitedTwistd(cwd: object, reactorName: str, soft: int, hard: int) -> Server:
+    """twistd echoplug started with RLIMIT_NOFILE at (soft, hard)."""
     launcher = ("import os, resource, sys; "
-                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
                 "os.execv(sys.argv[1], sys.argv[1:])")
     argv = [sys.executable, "-c", launcher, *twistdCommand(), "-r", reactorName, "-n",
             "--pidfile=", "echoplug", "--port", "tcp:0:interface=127.0.0.1",
             "--drain-timeout", "0"]
-    server = startProcess(argv, tmp_path)
+    return startProcess(argv, cwd)
+
+
+def test_soft_descriptor_limit_is_raised(tmp_path) -> None:
+    server = limitedTwistd(tmp_path, "epoll", 48, 4096)
+    try:
+        server.waitFor(r"at most 4032 connections at once \(RLIMIT_NOFILE is 4096")
+    finally:
+        server.stop()
+    server = limitedTwistd(tmp_path, "select", 48, 4096)  # select: no use for more
+    try:
+        server.waitFor(r"at most 24 connections at once \(RLIMIT_NOFILE is 48")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("reactorName", REACTORS)
+def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
+    """
+    With RLIMIT_NOFILE at 48, the server caps itself below it, serves what it
+    can, refuses the rest, and keeps serving once they are gone.
+    """
+    limit = 48
+    server = limitedTwistd(tmp_path, reactorName, limit, limit)
     try:
         port = int(server.waitFor(LISTENING.pattern)["port"])
+        server.waitFor(r"at most 24 connections at once \(RLIMIT_NOFILE is 48")
         first = connect(port)
         assert served(first)
         flood = [connect(port) for _ in range(2 * limit)]
@@ -301,7 +321,9 @@ def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
         assert server.proc.poll() is None
     finally:
         server.stop()
-    assert "Traceback" not in server.output()
+    out = server.output()
+    assert "Traceback" not in out
+    assert "refused" in out and "EMFILE recovery" not in out
 
 
 @pytest.mark.parametrize("reactorName", REACTORS)
