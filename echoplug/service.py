@@ -20,7 +20,9 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -81,6 +83,28 @@ def raiseNoFile(wall: int | None) -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+class Refused(Protocol):
+    """A connection over a cap, behind a wrapper (TLS): closed at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class RefuseByClosing(ServerFactory):
+    """
+    Let a wrapping factory (TLS) see a refusal as a protocol that closes at
+    once rather than as C{None}, which C{WrappingFactory} cannot handle.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: EchoFactory) -> None:
+        self.factory = factory
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.factory.buildProtocol(addr) or Refused()
+
+
 class Listener(Service):
     """
     Listen on one endpoint with the shared factory.
@@ -102,7 +126,13 @@ class Listener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failed: list[Failure] = []
-        d = self.endpoint.listen(self.factory)
+        factory: ServerFactory = self.factory
+        if isinstance(self.endpoint, SSL4ServerEndpoint) or self.description.startswith(
+                ("ssl:", "tls:")):
+            # TLS wraps our factory, and wraps the None of a refusal too,
+            # which then fails with a traceback: refuse with a protocol.
+            factory = RefuseByClosing(self.factory)
+        d = self.endpoint.listen(factory)
         d.addCallbacks(self._listening, failed.append)
         if failed:
             # TCP, UNIX and systemd endpoints listen at once, so a port in

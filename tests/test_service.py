@@ -14,7 +14,9 @@ import resource
 import selectors
 import signal
 import socket
+import ssl
 import struct
+import subprocess
 import sys
 import time
 
@@ -357,3 +359,27 @@ def test_hostile_peers_do_not_disturb_others(tmp_path, reactorName: str) -> None
         assert server.proc.poll() is None
     out = server.output()
     assert "Traceback" not in out and "Unhandled" not in out
+
+
+def test_caps_over_tls_close_without_traceback(tmp_path) -> None:
+    """TLS wraps the factory: a refusal there must still be a clean close."""
+    pytest.importorskip("OpenSSL")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with twistd(None, "--port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+                "--max-connections", "1", "--drain-timeout", "0", cwd=tmp_path) as server:
+        first = context.wrap_socket(connect(server.port))
+        assert served(first)
+        try:
+            secondServed = served(context.wrap_socket(connect(server.port)))
+        except OSError:  # ssl.SSLError is one: the handshake was cut
+            secondServed = False
+        assert not secondServed
+        assert served(first)
+        server.waitFor(r"refused 127\.0\.0\.1:\d+: at --max-connections 1")
+    assert "Traceback" not in server.output()
