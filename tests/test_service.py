@@ -167,13 +167,16 @@ def test_sigterm_without_connections_exits_at_once(tmp_path) -> None:
     assert "draining" not in server.output()
 
 
-def test_second_sigterm_ends_the_drain_without_traceback(tmp_path) -> None:
-    with twistd(None, "--drain-timeout", "60", cwd=tmp_path) as server:
+@pytest.mark.parametrize(("reactorName", "second"),
+                         [(r, signal.SIGTERM) for r in REACTORS] + [("epoll", signal.SIGINT)])
+def test_second_signal_ends_the_drain_without_traceback(tmp_path, reactorName: str,
+                                                        second: int) -> None:
+    with twistd(reactorName, "--drain-timeout", "60", cwd=tmp_path) as server:
         client = connect(server.port)
         assert served(client)
         server.proc.send_signal(signal.SIGTERM)
         server.waitFor("draining 1 connection")
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(second)
         assert server.proc.wait(15) == -signal.SIGTERM
     out = server.output()
     assert "second signal: closed 1 connection(s)" in out
