@@ -265,7 +265,8 @@ class EchoService(MultiService):
         if timeout:
             self._sweeper = task.LoopingCall(self.factory.sweepIdle)
             self._sweeper.clock = self.reactor
-            self._sweeper.start(timeout / self.sweepsPerTimeout, now=False)
+            # Never more often than 20 times a second, however short the timeout.
+            self._sweeper.start(max(timeout / self.sweepsPerTimeout, 0.05), now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """

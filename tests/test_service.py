@@ -16,9 +16,9 @@ import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -364,13 +364,37 @@ def test_hostile_peers_do_not_disturb_others(tmp_path, reactorName: str) -> None
     assert "Traceback" not in out and "Unhandled" not in out
 
 
+def selfSigned(directory: Path) -> tuple[Path, Path]:
+    """A throw-away key and self-signed certificate for localhost, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    privateKey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(privateKey.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(privateKey, hashes.SHA256())
+    )
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    key.write_bytes(privateKey.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
 def test_caps_over_tls_close_without_traceback(tmp_path) -> None:
     """TLS wraps the factory: a refusal there must still be a clean close."""
-    pytest.importorskip("OpenSSL")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    pytest.importorskip("OpenSSL", reason="the tls extra (pyOpenSSL) is not installed")
+    key, cert = selfSigned(tmp_path)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
