@@ -108,7 +108,12 @@ class EchoFactory(ServerFactory):
         self.refused += 1
         now = self.clock.seconds()
         if now - self._lastRefusalLog >= self.refusalLogInterval:
-            self._logRefusals(now, f"refused {formatAddress(addr)}: {why}")
+            n, self._suppressed = self._suppressed, 0
+            self._lastRefusalLog = now
+            self.log.warn(
+                "refused {peer}: {why}{more}", peer=formatAddress(addr), why=why,
+                more=f" (and {n} more refused before)" if n else "", suppressed=n,
+            )
         else:
             self._suppressed += 1
             if self._flushCall is None:
@@ -116,13 +121,6 @@ class EchoFactory(ServerFactory):
                     self._lastRefusalLog + self.refusalLogInterval - now, self._flushRefusals
                 )
         return None
-
-    def _logRefusals(self, now: float, message: str) -> None:
-        if self._suppressed:
-            message += f" (and {self._suppressed} more refused before)"
-            self._suppressed = 0
-        self._lastRefusalLog = now
-        self.log.warn("{message}", message=message)
 
     def _flushRefusals(self) -> None:
         self._flushCall = None
