@@ -176,7 +176,7 @@ class EchoService(MultiService):
 
     log = Logger(namespace="echoplug")
     #: The sweep runs this many times per idle timeout, so a connection is
-    #: closed between 1 and 1.25 (plus one reactor turn) timeouts idle.
+    #: closed after between 1 and 1.5 timeouts without traffic.
     sweepsPerTimeout = 4
 
     def __init__(
