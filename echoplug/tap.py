@@ -116,7 +116,8 @@ class Options(usage.Options):
          "with no traffic either way, even one paused because its client stopped "
          "reading. 0: never. [default: 0]"],
         ["max-connections", None, None, "Serve at most N connections at once; more "
-         "are closed at once, unserved. [default: no cap; 960 under -r select]"],
+         "are closed at once, unserved. [default: what the descriptor limit allows; "
+         "960 under -r select]"],
         ["max-connections-per-peer", None, None, "Serve at most N connections at once "
          "from one client IP. [default: no cap]"],
         ["drain-timeout", None, "5", "On SIGTERM, stop listening and give open "
