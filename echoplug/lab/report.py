@@ -134,9 +134,11 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str]
                             label=label(server, reactor) if k == 0 else None,
                             alpha=1.0 if k == 0 else 0.45, **style)
             if cappedSelect and x == "idle":
-                ax.axvline(SELECT_LIMIT, color="tab:red", linestyle=":", linewidth=1)
-                ax.annotate(f"select capped\n(FD_SETSIZE {FD_SETSIZE})",
-                            xy=(SELECT_LIMIT, 0.97), xycoords=("data", "axes fraction"),
+                # Past this many idle connections select is capped.
+                wall = SELECT_LIMIT - value if panel == "connections" else SELECT_LIMIT
+                ax.axvline(wall, color="tab:red", linestyle=":", linewidth=1)
+                ax.annotate(f"select capped past here\n(FD_SETSIZE {FD_SETSIZE})",
+                            xy=(wall, 0.97), xycoords=("data", "axes fraction"),
                             xytext=(-4, 0), textcoords="offset points", ha="right",
                             va="top", fontsize=7, color="tab:red")
             if logx:

@@ -19,10 +19,11 @@ What keeps a figure honest here:
     (so the server has accepted and registered it), then held open and
     silent for the whole point;
   - a server that cannot run a point is reported and skipped, never fatal:
-    C{select} with about 1000 descriptors or more is "capped" (Python's
-    C{select()} refuses descriptors at or above FD_SETSIZE, 1024, and
-    Twisted's select reactor then silently drops connections), and any
-    other failure is an "error: ..." row.
+    C{select} with more than 960 connections is "capped" (Python's
+    C{select()} refuses descriptors at or above FD_SETSIZE, 1024, Twisted's
+    select reactor then silently drops connections, and echoplug refuses
+    connections past 960 under select), and any other failure is an
+    "error: ..." row.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from echoplug.lab import servers
 from echoplug.lab.servers import Server, ServerError
 
 FD_SETSIZE = 1024
-# idle + active connections at which select is capped: FD_SETSIZE less the
-# descriptors a twistd process holds itself (stdio, the listening socket,
-# the reactor's waker pipe, the log, a few spare).
-SELECT_LIMIT = 1000
+# Connections (idle + active) past which select is capped: FD_SETSIZE less
+# 64 descriptors for the process itself (stdio, listening port, log, the
+# reactor's waker), which is also where echoplug caps itself under -r select.
+SELECT_LIMIT = 960
 IDLE_BATCH = 50  # below twistd's listen backlog of 50
 
 
@@ -166,10 +167,11 @@ def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
 def isCapped(target: Target, point: Point) -> bool:
     """Would this server need select() past FD_SETSIZE at this point?"""
     return (target.reactor == "select" and target.kind != "asyncio"
-            and point.idle + point.connections >= SELECT_LIMIT)
+            and point.idle + point.connections > SELECT_LIMIT)
 
 
-CAPPED = f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE})"
+CAPPED = (f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE}); "
+          f"at most {SELECT_LIMIT} connections")
 
 
 def raiseFileLimit() -> int:
