@@ -396,7 +396,11 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
         running: dict[Target, Server] = {}
         spawned = []
         for t in runnable:
-            s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+            try:
+                s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+            except OSError as e:
+                failures[t] = f"cannot start {t.name}: {e.strerror or e}"
+                continue
             stack.callback(s.stop)
             spawned.append((t, s))
         for t, s in spawned:
@@ -432,6 +436,8 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                         samples[t].append(measure(running[t], point, settings))
                     except (MeasureError, ServerError) as e:
                         failures[t] = str(e)
+                    except Exception as e:  # one point's surprise must not end the sweep
+                        failures[t] = f"{type(e).__name__}: {e}"
                 onRun()
     rows = []
     for t in targets:
