@@ -30,6 +30,10 @@ class EchoFactory(ServerFactory):
     @ivar bytesEchoed: bytes received on closed connections (each one was
         echoed back, unless the connection was cut first); add
         C{openBytes()} for the total including open ones.
+    @ivar bytesSent: bytes sent on closed connections: what they received
+        less what was still unsent when they closed (an aborted or reset
+        connection drops its buffer). Counted once per connection, at close,
+        so the per-message path stays as it is.
     """
 
     log = Logger(namespace="echoplug")
@@ -44,6 +48,7 @@ class EchoFactory(ServerFactory):
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
+        self.bytesSent = 0
 
     def buildProtocol(self, addr: IAddress) -> Echo | None:
         p = self.protocol()
@@ -59,6 +64,7 @@ class EchoFactory(ServerFactory):
     def connectionLost(self, proto: Echo, reason: Failure) -> None:
         self.connections.discard(proto)
         self.bytesEchoed += proto.bytesIn
+        self.bytesSent += proto.bytesIn - unsentBytes(proto.transport)
         if self.logClose:
             self.log.info(
                 "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
@@ -72,9 +78,33 @@ class EchoFactory(ServerFactory):
         """Bytes received so far on the connections still open."""
         return sum(p.bytesIn for p in self.connections)
 
+    def openSentBytes(self) -> int:
+        """Bytes sent so far on the connections still open."""
+        return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
+
     @staticmethod
     def peerOf(transport: ITransport) -> str:
         return formatAddress(transport.getPeer())
+
+
+def unsentBytes(transport: object) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed to the kernel.
+
+    Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor},
+    under every reactor echoplug runs on) keep them in C{dataBuffer} from
+    C{offset} on, plus C{_tempDataLen} bytes not yet joined to it; both
+    survive C{connectionLost}, so this works at close time too. A TLS
+    transport keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}.
+    """
+    buffered = getattr(transport, "dataBuffer", None)
+    if buffered is not None:
+        return (len(buffered) - getattr(transport, "offset", 0)
+                + getattr(transport, "_tempDataLen", 0))
+    pending = getattr(transport, "_appSendBuffer", None)
+    if pending:
+        return sum(len(chunk) for chunk in pending)
+    return 0
 
 
 def describeReason(reason: Failure) -> str:
