@@ -172,9 +172,9 @@ class SystemdNotifier(Service):
         self.ready = True
         self.status = self.statusLine()
         self.send("READY=1", f"STATUS={self.status}")
-        self.log.info("told systemd READY=1 ({count} ports listening{watchdog})",
-                      count=len(ports),
-                      watchdog=f", watchdog every {self.watchdog:g}s" if self.watchdog else "")
+        self.log.info("told systemd READY=1 ({count} listening; {what} every {interval:g}s)",
+                      count=len(ports), interval=self.interval,
+                      what="watchdog and status" if self.watchdog else "status")
         self._tick = LoopingCall(self.tick)
         self._tick.start(self.interval, now=False)
 

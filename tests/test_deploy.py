@@ -179,3 +179,27 @@ def test_socket_activation_wrong_name_is_one_line(tmp_path) -> None:
     out = server.output()
     assert "Traceback" not in out
     assert "--port systemd:domain=INET:name=other: no such socket was passed" in out
+
+
+def test_under_twist_with_text_logs(tmp_path) -> None:
+    """
+    C{twist} instead of twistd: it writes JSON when stdout is not a TTY (as
+    under systemd) unless told C{--log-format=text}, and it never calls
+    C{privilegedStartService}; the listeners bind anyway, and READY=1 is sent.
+    """
+    twist = Path(twistdCommand()[0]).with_name("twist")
+    port = freePort()
+    receiver = NotifyReceiver(str(tmp_path / "notify"))
+    server = startProcess([str(twist), "--log-format=text", "echoplug", "--port", str(port)],
+                          tmp_path, receiver.env)
+    try:
+        receiver.waitFor("READY=1")
+        assert echoHalfClose(port, [b"under twist"]) == b"under twist"
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 11 bytes echoed")
+        assert not line.string.lstrip().startswith("{")
+        assert server.stop() in (0, -15)
+        receiver.waitFor("STOPPING=1")
+    finally:
+        server.stop()
+        receiver.close()
+    assert "listening on 127.0.0.1:" in server.output()

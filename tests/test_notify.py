@@ -114,7 +114,8 @@ def test_twistd_ready_watchdog_status_stopping(tmp_path, abstract: bool) -> None
             assert server.stop() in (0, -15)
         stopping = receiver.waitFor("STOPPING=1")
         assert receiver.drain()[-1] == stopping
-        assert server.output().count("told systemd READY=1 (2 ports listening") == 1
+        assert server.output().count(
+            "told systemd READY=1 (2 listening; watchdog and status every 0.1s)") == 1
     finally:
         receiver.close()
 
