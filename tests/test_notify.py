@@ -92,17 +92,18 @@ def listens(port: int) -> bool:
 @pytest.mark.parametrize("abstract", [False, True])
 def test_twistd_ready_watchdog_status_stopping(tmp_path, abstract: bool) -> None:
     """
-    READY=1 comes only when both ports accept connections; then watchdog
+    READY=1 comes only when both echo ports and the metrics port accept
+    connections; then watchdog
     pings, a STATUS= line that counts an open connection, and STOPPING=1
     on SIGTERM.
     """
     name = f"@echoplug-twistd-{os.getpid()}" if abstract else str(tmp_path / "notify")
     receiver = NotifyReceiver(name)
-    ports = [freePort(), freePort()]
+    ports = [freePort(), freePort(), freePort()]
     env = {**receiver.env, "WATCHDOG_USEC": "200000"}
     try:
         with twistd(None, "--port", str(ports[0]), "--port", str(ports[1]),
-                    cwd=tmp_path, env=env, wait=False) as server:
+                    "--metrics", str(ports[2]), cwd=tmp_path, env=env, wait=False) as server:
             ready = receiver.waitFor("READY=1")
             assert all(listens(p) for p in ports), server.output()
             assert "STATUS=connections: 0 open, 0 accepted, 0 refused" in ready.splitlines()
@@ -115,7 +116,7 @@ def test_twistd_ready_watchdog_status_stopping(tmp_path, abstract: bool) -> None
         stopping = receiver.waitFor("STOPPING=1")
         assert receiver.drain()[-1] == stopping
         assert server.output().count(
-            "told systemd READY=1 (2 listening; watchdog and status every 0.1s)") == 1
+            "told systemd READY=1 (3 listening; watchdog and status every 0.1s)") == 1
     finally:
         receiver.close()
 
