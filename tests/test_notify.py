@@ -8,6 +8,7 @@ systemd would give it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
@@ -21,7 +22,7 @@ from echoplug.notify import (
     watchdogInterval,
 )
 from echoplug.service import EchoService
-from tests.support import NotifyReceiver, connect, freePort, twistd
+from tests.support import NotifyReceiver, connect, freePort, recvAll, twistd
 
 
 def test_socket_address() -> None:
@@ -163,3 +164,28 @@ def test_bad_notify_socket_is_one_line(tmp_path) -> None:
     out = server.output()
     assert "Traceback" not in out
     assert "echoplug: NOTIFY_SOCKET='not/absolute' is neither an absolute path" in out
+
+
+def test_stopping_is_sent_when_the_drain_begins(tmp_path) -> None:
+    """
+    STOPPING=1 comes as shutdown begins, not when it ends: a connection
+    still open in the drain gets its echo after systemd has been told.
+    """
+    receiver = NotifyReceiver(str(tmp_path / "notify"))
+    try:
+        with twistd(None, "--drain-timeout", "30", cwd=tmp_path, env=receiver.env) as server:
+            receiver.waitFor("READY=1")
+            with connect(server.port) as s:
+                s.sendall(b"before")
+                assert s.recv(6) == b"before"
+                server.proc.send_signal(signal.SIGTERM)
+                stopping = receiver.waitFor("STOPPING=1")
+                assert "STATUS=stopping, connections: 1 open, 1 accepted, 0 refused" in (
+                    stopping.splitlines())
+                s.sendall(b"during the drain")
+                s.shutdown(socket.SHUT_WR)
+                assert recvAll(s) == b"during the drain"
+                assert server.proc.poll() is None
+            assert server.proc.wait(30) in (0, -15)
+    finally:
+        receiver.close()
