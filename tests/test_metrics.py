@@ -194,3 +194,22 @@ def test_prometheus_client_is_imported_only_for_metrics() -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_refused_connections_are_counted(tmp_path) -> None:
+    with twistd(None, "--max-connections", "1", "--metrics", "tcp:0:interface=127.0.0.1",
+                cwd=tmp_path) as server:
+        mport = int(server.waitFor(METRICS_LINE)["port"])
+        with connect(server.port) as held:
+            held.sendall(b"a")
+            assert held.recv(1) == b"a"
+            with connect(server.port) as extra:
+                try:
+                    assert recvAll(extra) == b""  # closed at once, unserved
+                except ConnectionResetError:
+                    pass
+            server.waitFor(r"refused 127\.0\.0\.1:\d+")
+            samples = scrape(mport)
+    assert samples["echoplug_connections_refused_total"] == 1
+    assert samples["echoplug_connections_accepted_total"] == 1
+    assert samples["echoplug_connections_open"] == 1
