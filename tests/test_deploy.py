@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.support import (
     connect,
     echoHalfClose,
     freePort,
+    recvAll,
     startProcess,
     testEnv,
     twistdCommand,
@@ -208,3 +210,27 @@ def test_under_twist_with_text_logs(tmp_path) -> None:
         server.stop()
         receiver.close()
     assert "listening on 127.0.0.1:" in server.output()
+
+
+@needsActivate
+def test_socket_activation_two_addresses_by_index(tmp_path) -> None:
+    """
+    Two sockets in one unit share its name, so the docs select them by
+    index: INET at 0, INET6 at 1. Both echo.
+    """
+    p4, p6 = freePort(), freePort()
+    argv = [ACTIVATE, "-l", f"127.0.0.1:{p4}", "-l", f"[::1]:{p6}", "--fdname=echoplug",
+            "-E", "PYTHONPATH", *twistdCommand(), "-n", "--pidfile=", "echoplug",
+            "--port", "systemd:domain=INET:index=0", "--port", "systemd:domain=INET6:index=1"]
+    server = startProcess(argv, tmp_path)
+    try:
+        server.waitFor(r"Listening on \[::1\]:")
+        assert echoHalfClose(p4, [b"four"]) == b"four"
+        server.waitFor(rf"listening on \[::1\]:{p6}, reactor=")
+        with socket.create_connection(("::1", p6), timeout=10) as s:
+            s.sendall(b"six")
+            s.shutdown(socket.SHUT_WR)
+            assert recvAll(s) == b"six"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
