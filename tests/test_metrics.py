@@ -20,7 +20,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import deferLater
 
 from echoplug.factory import EchoFactory, unsentBytes
-from tests.support import connect, recvAll, testEnv, twistd
+from tests.support import REACTORS, connect, recvAll, testEnv, twistd
 
 METRICS_LINE = r"serving metrics on 127\.0\.0\.1:(?P<port>\d+) at /metrics"
 
@@ -51,10 +51,11 @@ def delta(after: dict[str, float], before: dict[str, float], name: str) -> float
     return after[name] - before[name]
 
 
-def test_counters_rise_by_what_was_echoed(tmp_path) -> None:
+@pytest.mark.parametrize("reactor", REACTORS)
+def test_counters_rise_by_what_was_echoed(tmp_path, reactor: str) -> None:
     size = 3 * 1024 * 1024 + 17
     payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    with twistd(None, "--metrics", "tcp:0:interface=127.0.0.1", cwd=tmp_path) as server:
+    with twistd(reactor, "--metrics", "tcp:0:interface=127.0.0.1", cwd=tmp_path) as server:
         mport = int(server.waitFor(METRICS_LINE)["port"])
         before = scrape(mport)
         assert before["echoplug_connections_open"] == 0
