@@ -14,10 +14,10 @@ import time
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, ITransport
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from echoplug.logs import LEVELS, formatAddress
+from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Echo, TracingEcho
 
 
@@ -41,6 +41,11 @@ class EchoFactory(ServerFactory):
         # Decided once, so the per-connection path tests a bool, not a level.
         self.logOpen = level <= LEVELS["debug"]
         self.logClose = level <= LEVELS["info"]
+        # The access log: one line per connection, built cheaply (LogLine).
+        self.openLine = LogLine(self.log, LogLevel.debug, "open {peer}")
+        self.closeLine = LogLine(
+            self.log, LogLevel.info,
+            "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}")
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
@@ -54,14 +59,13 @@ class EchoFactory(ServerFactory):
         self.connections.add(proto)
         self.accepted += 1
         if self.logOpen:
-            self.log.debug("open {peer}", peer=self.peerOf(proto.transport))
+            self.openLine(peer=self.peerOf(proto.transport))
 
     def connectionLost(self, proto: Echo, reason: Failure) -> None:
         self.connections.discard(proto)
         self.bytesEchoed += proto.bytesIn
         if self.logClose:
-            self.log.info(
-                "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
+            self.closeLine(
                 peer=self.peerOf(proto.transport),
                 duration=time.monotonic() - proto.started,
                 bytes=proto.bytesIn,
