@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echoplug.eager import eagerWriter
+from echoplug.eager import eagerWriter, loseConnection
 
 if TYPE_CHECKING:
     from echoplug.factory import EchoFactory
@@ -62,9 +62,9 @@ class Echo(Protocol):
     def readConnectionLost(self) -> None:
         # The peer sent EOF (shutdown(SHUT_WR)). Unregister the producer first:
         # loseConnection() waits for a registered producer, and only then
-        # flushes what is buffered and closes.
+        # flushes what is buffered and closes (at once if nothing is: eager.py).
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        loseConnection(self.transport)
 
     def writeConnectionLost(self) -> None:
         # The peer will read no more; nothing we send can arrive.
