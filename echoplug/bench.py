@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+C{echoplug-bench}: compare Twisted reactors (and echoplug with its peers)
+in one command, and get a table and a picture.
+
+    echoplug-bench --reactors select,poll,epoll --connections 1,10,100 \\
+        --idle 0,100,1000 --size 64 --peer wire-echo --peer asyncio --out bench-out
+
+The pieces (servers, load client, runner, report) live in L{echoplug.lab} and
+L{echoplug.load}; this module is the command line. A mistake in the options
+is one line on stderr and exit status 2; the sweep itself never dies of one
+point: a point that cannot run is a "capped" or "error: ..." row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from echoplug.lab import report, runner
+from echoplug.lab.runner import Point, Settings, Target
+
+PEERS = ("wire-echo", "asyncio")
+DEFAULTS = {
+    "load": {"connections": "1,10,100", "idle": "0,100,1000", "size": "64,1024,16384",
+             "clients": 1},
+    # Churn: four loops, each its own process, connect-echo-close.
+    "churn": {"connections": "4", "idle": "0", "size": "64", "clients": 4},
+}
+SERVER_ARGS = "--log-level warn"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def intList(minimum: int) -> object:
+    def parse(text: str) -> list[int]:
+        values = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part.isdigit() or int(part) < minimum:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: expected comma-separated whole numbers of at least {minimum}")
+            values.append(int(part))
+        return sorted(set(values))
+
+    return parse
+
+
+def nameList(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated reactor names")
+    return list(dict.fromkeys(names))
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def nonNegative(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else positive(text)
+
+
+def count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def knownReactors() -> list[str]:
+    """Reactor names twistd accepts here, from the same reactor plugins."""
+    from twisted.application.reactors import getReactorTypes
+
+    return sorted({r.shortName for r in getReactorTypes()})
+
+
+def parser() -> Parser:
+    p = Parser(
+        prog="echoplug-bench",
+        description="Sweep reactors, active and idle connections and message sizes; measure "
+        "the server's CPU per message, messages per second and round-trip latency; write "
+        "results.csv, results.md and PNG plots to --out.",
+    )
+    p.add_argument("--reactors", type=nameList, default=["select", "poll", "epoll", "asyncio"],
+                   help="twistd reactors, comma-separated [select,poll,epoll,asyncio]")
+    p.add_argument("--connections", type=intList(1), default=None,
+                   help="active connections (churn: parallel connect-echo-close loops) "
+                   "[1,10,100; churn: 4]")
+    p.add_argument("--idle", type=intList(0), default=None,
+                   help="idle connections held open during a point [0,100,1000; churn: 0]")
+    p.add_argument("--size", type=intList(1), default=None,
+                   help="message sizes in bytes [64,1024,16384; churn: 64]")
+    p.add_argument("--workload", choices=["load", "churn"], default="load",
+                   help="load: each connection keeps one message in flight; churn: connect, "
+                   "echo 64 B, close, measured per connection [load]")
+    p.add_argument("--duration", type=positive, default=2.0,
+                   help="seconds measured per run [2]")
+    p.add_argument("--warmup", type=nonNegative, default=0.5,
+                   help="seconds of load before each run is measured [0.5]")
+    p.add_argument("--repeat", type=count, default=3,
+                   help="runs per server and point, interleaved; the median is reported [3]")
+    p.add_argument("--peer", action="append", choices=PEERS, default=[],
+                   help="also measure a peer server: wire-echo (stock twisted.protocols.wire."
+                   "Echo under the same reactor) or asyncio (stdlib asyncio); repeatable")
+    p.add_argument("--no-echoplug", action="store_true",
+                   help="measure the peers only")
+    p.add_argument("--server-args", default=SERVER_ARGS,
+                   help=f"extra options for twistd echoplug, as one string [{SERVER_ARGS!r}]; "
+                   "'' for echoplug's defaults (an access-log line per connection)")
+    p.add_argument("--clients", type=count, default=None,
+                   help="load-client processes sharing the connections [1; churn: 4]")
+    p.add_argument("--client-reactor", default="epoll",
+                   help="the load client's reactor [epoll]")
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="directory for results.csv, results.md, the plots and server logs "
+                   "[bench-out]")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    return p
+
+
+def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = parser()
+    options = p.parse_args(argv)
+    defaults = DEFAULTS[options.workload]
+    for name in ("connections", "idle", "size"):
+        if getattr(options, name) is None:
+            setattr(options, name, intList(0)(defaults[name]))
+    if options.clients is None:
+        options.clients = defaults["clients"]
+    known = knownReactors()
+    for name in [*options.reactors, options.client_reactor]:
+        if name not in known:
+            p.error(f"no such reactor: {name!r} (this machine has {', '.join(known)})")
+    try:
+        options.server_args = shlex.split(options.server_args)
+    except ValueError as e:
+        p.error(f"--server-args: {e}")
+    options.peer = list(dict.fromkeys(options.peer))
+    if options.no_echoplug and not options.peer:
+        p.error("--no-echoplug leaves nothing to measure: add a --peer")
+    return options
+
+
+def targets(options: argparse.Namespace) -> list[Target]:
+    """echoplug and the Twisted peers per reactor; the asyncio peer once."""
+    kinds = ([] if options.no_echoplug else ["echoplug"]) + [
+        k for k in options.peer if k != "asyncio"]
+    found = [Target(kind, reactor) for reactor in options.reactors for kind in kinds]
+    if "asyncio" in options.peer:
+        found.append(Target("asyncio", "stdlib"))
+    return found
+
+
+def points(options: argparse.Namespace) -> list[Point]:
+    return [Point(options.workload, c, i, s)
+            for s in options.size for c in options.connections for i in options.idle]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parseArgs(argv)
+    out: Path = options.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"echoplug-bench: cannot create {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    settings = Settings(duration=options.duration, warmup=options.warmup,
+                        repeat=options.repeat, clients=options.clients,
+                        clientReactor=options.client_reactor,
+                        serverArgs=options.server_args, logDir=out / "logs")
+    sweepPoints, sweepTargets = points(options), targets(options)
+    progress = runner.Progress(len(sweepPoints),
+                               runner.plan(sweepPoints, sweepTargets, options.repeat),
+                               perRun=options.warmup + options.duration + 0.8)
+    command = "echoplug-bench " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    rows: list[runner.Row] = []
+
+    def save(newRows: list[runner.Row]) -> None:
+        # Written after every point, so an interrupted sweep keeps what it had.
+        rows.extend(newRows)
+        report.writeCsv(rows, out / "results.csv")
+        (out / "results.md").write_text(report.markdown(rows, command=command))
+
+    progress.draw()
+    try:
+        runner.sweep(sweepPoints, sweepTargets, settings, progress, onPoint=save)
+    except KeyboardInterrupt:
+        progress.finish()
+        print(f"echoplug-bench: interrupted; {len(rows)} rows in {out / 'results.csv'}",
+              file=sys.stderr)
+        return 130
+    if not options.no_plots and rows:
+        try:
+            made = report.plot(rows, out)
+        except ImportError:
+            print("echoplug-bench: matplotlib is not installed (pip install "
+                  "'echoplug[bench]'), so no plots", file=sys.stderr)
+        else:
+            for path in made:
+                print(f"echoplug-bench: wrote {path}", file=sys.stderr)
+    failed = [r for r in rows if r.status.startswith("error")]
+    for r in failed:
+        print(f"echoplug-bench: {r.server}/{r.reactor} at {r.connections} active, "
+              f"{r.idle} idle, {r.size} B: {r.status}", file=sys.stderr)
+    print(f"echoplug-bench: wrote {out / 'results.csv'} and {out / 'results.md'}",
+          file=sys.stderr)
+    sys.stdout.write(report.markdown(rows, command=command) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

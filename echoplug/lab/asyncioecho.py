@@ -1,0 +1,52 @@
+# -*- test-case-name: tests.test_servers -*-
+"""
+The stdlib asyncio peer: the echo server from the asyncio documentation
+(a C{Protocol} whose C{data_received} writes the data back), as a process.
+
+It is the "no Twisted" baseline in C{echoplug-bench --peer asyncio}. It runs
+on the stdlib event loop, whatever reactor the sweep is on, and like stock
+C{wire.Echo} it has no flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+
+class EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def serve(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(EchoProtocol, "127.0.0.1", port)
+    host, bound = server.sockets[0].getsockname()[:2]
+    print(f"listening on {host}:{bound}, reactor=stdlib ({type(loop).__name__})", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m echoplug.lab.asyncioecho PORT", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(int(args[0])))
+    except OSError as e:
+        print(f"asyncio echo: cannot listen on 127.0.0.1:{args[0]}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

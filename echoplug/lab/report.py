@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.test_report -*-
+"""
+The lab's output: C{results.csv} (one row per server and point), C{results.md}
+(one table per message size, as vmbench reports), and PNG plots.
+
+matplotlib is imported only when plots are drawn, and only the C{bench}
+extra installs it: the sweep itself, the CSV and the tables need nothing
+beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from echoplug.lab.runner import COLUMNS, FD_SETSIZE, SELECT_LIMIT, Row
+from echoplug.lab.servers import label
+
+
+def writeCsv(rows: Sequence[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: fmt(v, digits=3) for k, v in row.asDict().items()})
+
+
+def fmt(value: object, digits: int = 1) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def units(workload: str) -> tuple[str, str]:
+    """What one "message" is: a round trip, or for churn a whole connection."""
+    return ("conn", "connections") if workload == "churn" else ("msg", "messages")
+
+
+def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
+             command: str | None = None) -> str:
+    """One table per workload and message size."""
+    out = [f"# {title}", ""]
+    if command:
+        out += ["```", command, "```", ""]
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.workload, row.size), []).append(row)
+    for (workload, size), group in sorted(groups.items()):
+        one, _ = units(workload)
+        active = "loops" if workload == "churn" else "active"
+        out += [f"## {workload}, {size}-byte messages", "",
+                f"| server | reactor | {active} | idle | {one}/s | CPU µs/{one} "
+                "| p50 µs | p99 µs | p99.9 µs | runs | status |",
+                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+        group.sort(key=lambda r: (r.connections, r.idle, r.reactor, r.server))
+        for r in group:
+            out.append(f"| {r.server} | {r.reactor} | {r.connections} | {r.idle} "
+                       f"| {fmt(r.msgs_per_s, 0)} | {fmt(r.cpu_us_per_msg)} "
+                       f"| {fmt(r.p50_us, 0)} | {fmt(r.p99_us, 0)} | {fmt(r.p999_us, 0)} "
+                       f"| {r.runs} | {r.status} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def lineStyle(server: str) -> dict[str, object]:
+    return {"echoplug": {"linestyle": "-", "marker": "o"},
+            "wire-echo": {"linestyle": "--", "marker": "s"},
+            "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"}}.get(
+                server, {"linestyle": "-.", "marker": "d"})
+
+
+def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
+    """
+    Draw the PNGs; return their paths. Raises C{ImportError} without
+    matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    made = []
+    for workload in sorted({r.workload for r in rows}):
+        these = [r for r in rows if r.workload == workload]
+        prefix = "" if workload == "load" else f"{workload}_"
+        one, _ = units(workload)
+        path = outDir / f"{prefix}cpu_vs_idle.png"
+        _grid(plt, these, path, x="idle", y=("cpu_us_per_msg",), panel="connections",
+              xlabel="idle connections", ylabel=f"server CPU µs per {one}",
+              title=f"Server CPU per {one} against idle connections ({workload})")
+        made.append(path)
+        path = outDir / f"{prefix}latency_vs_connections.png"
+        _grid(plt, these, path, x="connections", y=("p50_us", "p99_us"), panel="idle",
+              xlabel="active connections" if workload == "load" else "parallel loops",
+              ylabel="round trip µs (p50 solid/filled, p99 faint)",
+              title=f"Latency against active connections ({workload})", logx=True)
+        made.append(path)
+    return made
+
+
+def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str], panel: str,
+          xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
+    """One panel per (message size, C{panel} value), one line per server."""
+    sizes = sorted({r.size for r in rows})
+    panels = sorted({getattr(r, panel) for r in rows})
+    fig, axes = plt.subplots(len(sizes), len(panels),  # type: ignore[attr-defined]
+                             figsize=(4.2 * len(panels) + 1, 3.4 * len(sizes) + 0.8),
+                             squeeze=False)
+    names = sorted({(r.server, r.reactor) for r in rows},
+                   key=lambda sr: (sr[0] != "echoplug", sr[0], sr[1]))
+    colors = {}
+    cycle = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+             "tab:pink", "tab:olive", "tab:cyan"]
+    for reactor in sorted({r.reactor for r in rows}):
+        colors[reactor] = cycle[len(colors) % len(cycle)]
+    for i, size in enumerate(sizes):
+        for j, value in enumerate(panels):
+            ax = axes[i][j]
+            here = [r for r in rows if r.size == size and getattr(r, panel) == value]
+            cappedSelect = False
+            for server, reactor in names:
+                line = sorted((r for r in here if (r.server, r.reactor) == (server, reactor)),
+                              key=lambda r: getattr(r, x))
+                if any(r.capped for r in line):
+                    cappedSelect = True
+                ok = [r for r in line if r.ok]
+                if not ok:
+                    continue
+                style = {"color": colors[reactor], **lineStyle(server)}
+                for k, column in enumerate(y):
+                    ax.plot([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
+                            label=label(server, reactor) if k == 0 else None,
+                            alpha=1.0 if k == 0 else 0.45, **style)
+            if cappedSelect and x == "idle":
+                ax.axvline(SELECT_LIMIT, color="tab:red", linestyle=":", linewidth=1)
+                ax.annotate(f"select capped\n(FD_SETSIZE {FD_SETSIZE})",
+                            xy=(SELECT_LIMIT, 0.97), xycoords=("data", "axes fraction"),
+                            xytext=(-4, 0), textcoords="offset points", ha="right", va="top", fontsize=7, color="tab:red")
+            if logx:
+                ax.set_xscale("log")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{size} B, {panel} = {value}", fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+    handles, labels = [], []
+    for ax in (a for row in axes for a in row):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))),
+               fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    rowsOfLegend = math.ceil(len(labels) / 5) if labels else 0
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * rowsOfLegend, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # type: ignore[attr-defined]

@@ -1,0 +1,460 @@
+# -*- test-case-name: tests.test_runner -*-
+"""
+The sweep: for each point, start the servers, hold the idle connections,
+and measure each server in turn, several times, interleaved.
+
+What keeps a figure honest here:
+
+  - the load comes from other processes (L{echoplug.load}), never from the
+    process being measured or from the runner;
+  - each load process warms up before the window opens; the runner reads
+    the server's CPU time (utime + stime) when it tells them C{go} and again
+    once all of them have drained their messages in flight, and divides by
+    the messages they completed in between;
+  - within a point the servers take turns (echoplug, then its peers, then
+    the next reactor, and round again C{repeat} times), so that a burst of
+    noise from the rest of the machine lands on all of them, and each
+    figure is the median of its repeats;
+  - idle connections are real: opened by the runner, each one echoed once
+    (so the server has accepted and registered it), then held open and
+    silent for the whole point;
+  - a server that cannot run a point is reported and skipped, never fatal:
+    C{select} with about 1000 descriptors or more is "capped" (Python's
+    C{select()} refuses descriptors at or above FD_SETSIZE, 1024, and
+    Twisted's select reactor then silently drops connections), and any
+    other failure is an "error: ..." row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from echoplug.lab import servers
+from echoplug.lab.servers import Server, ServerError
+
+FD_SETSIZE = 1024
+# idle + active connections at which select is capped: FD_SETSIZE less the
+# descriptors a twistd process holds itself (stdio, the listening socket,
+# the reactor's waker pipe, the log, a few spare).
+SELECT_LIMIT = 1000
+IDLE_BATCH = 50  # below twistd's listen backlog of 50
+
+
+class MeasureError(Exception):
+    """One measurement failed; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the sweep."""
+
+    workload: str  # "load" or "churn"
+    connections: int  # active connections (load) or parallel loops (churn)
+    idle: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server under test: a kind (echoplug or a peer) and a reactor."""
+
+    kind: str
+    reactor: str
+
+    @property
+    def name(self) -> str:
+        return servers.label(self.kind, self.reactor)
+
+
+@dataclass
+class Settings:
+    duration: float = 2.0
+    warmup: float = 0.5
+    repeat: int = 3
+    clients: int = 1  # load processes
+    clientReactor: str = "epoll"
+    serverArgs: Sequence[str] = ("--log-level", "warn")
+    logDir: Path = Path("bench-out/logs")
+    timeout: float = 30.0  # seconds of slack for each step beyond its planned time
+
+
+@dataclass
+class Sample:
+    """One measured window of one server."""
+
+    messages: int  # completed since "go", drained ones included
+    msgsPerS: float
+    cpuSeconds: float
+    rttUs: list[int]
+
+    @property
+    def cpuUsPerMsg(self) -> float:
+        return self.cpuSeconds * 1e6 / self.messages if self.messages else math.nan
+
+
+COLUMNS = ["server", "reactor", "workload", "connections", "idle", "size", "msgs_per_s",
+           "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "runs", "status"]
+
+
+@dataclass
+class Row:
+    """A line of results.csv: the medians of one server's repeats at a point."""
+
+    server: str
+    reactor: str
+    workload: str
+    connections: int
+    idle: int
+    size: int
+    msgs_per_s: float = math.nan
+    cpu_us_per_msg: float = math.nan
+    p50_us: float = math.nan
+    p99_us: float = math.nan
+    p999_us: float = math.nan
+    runs: int = 0
+    status: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def capped(self) -> bool:
+        return self.status.startswith("capped")
+
+    def asDict(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in COLUMNS}
+
+
+def percentile(sorted_: Sequence[int], q: float) -> float:
+    """The nearest-rank percentile C{q} (0 to 100) of sorted samples."""
+    if not sorted_:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_)))
+    return float(sorted_[min(rank, len(sorted_)) - 1])
+
+
+def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
+    """The median of each figure over the repeats."""
+    row = Row(target.kind, target.reactor, point.workload, point.connections, point.idle,
+              point.size, runs=len(samples))
+    if not samples:
+        return row
+    row.msgs_per_s = statistics.median(s.msgsPerS for s in samples)
+    row.cpu_us_per_msg = statistics.median(s.cpuUsPerMsg for s in samples)
+    ranked = [sorted(s.rttUs) for s in samples]
+    row.p50_us = statistics.median(percentile(r, 50) for r in ranked)
+    row.p99_us = statistics.median(percentile(r, 99) for r in ranked)
+    row.p999_us = statistics.median(percentile(r, 99.9) for r in ranked)
+    return row
+
+
+def isCapped(target: Target, point: Point) -> bool:
+    """Would this server need select() past FD_SETSIZE at this point?"""
+    return (target.reactor == "select" and target.kind != "asyncio"
+            and point.idle + point.connections >= SELECT_LIMIT)
+
+
+CAPPED = f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE})"
+
+
+def raiseFileLimit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 16)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def openIdle(port: int, count: int, timeout: float = 10.0) -> list[socket.socket]:
+    """
+    Open C{count} connections to C{port}, echo one byte on each (so the
+    server has accepted and registered every one), and return them.
+    """
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            batch = [socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                     for _ in range(min(IDLE_BATCH, count - len(held)))]
+            held.extend(batch)
+            for s in batch:
+                s.sendall(b"i")
+            for s in batch:
+                if s.recv(1) != b"i":
+                    raise OSError(f"idle connection {len(held)} got no echo")
+    except BaseException:
+        closeAll(held)
+        raise
+    return held
+
+
+def closeAll(sockets: Iterable[socket.socket]) -> None:
+    for s in sockets:
+        s.close()
+
+
+class LoadProcess:
+    """One C{python -m echoplug.load --sync} process and its output lines."""
+
+    def __init__(self, port: int, workload: str, connections: int, size: int,
+                 settings: Settings, seed: int) -> None:
+        argv = [sys.executable, "-m", "echoplug.load", "--sync", "--port", str(port),
+                "--workload", workload, "--connections", str(connections),
+                "--size", str(size), "--duration", repr(settings.duration),
+                "--warmup", repr(settings.warmup), "--reactor", settings.clientReactor,
+                "--seed", str(seed)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=servers.childEnv(),
+                                     start_new_session=True)
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self.stderr = b""
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._drainStderr, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(b"")  # EOF
+
+    def _drainStderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def next(self, deadline: float) -> bytes:
+        """The next line of output; C{MeasureError} on EOF or past C{deadline}."""
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise MeasureError("the load client did not answer in time") from None
+        if not line:
+            self.proc.wait()
+            err = self.stderr.decode(errors="replace").strip().splitlines()
+            raise MeasureError(f"the load client exited with status {self.proc.returncode}"
+                               + (f": {err[-1]}" if err else ""))
+        return line
+
+    def say(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(word.encode() + b"\n")
+            self.proc.stdin.flush()
+
+    def close(self) -> None:
+        self.say("quit")
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """C{total} spread over C{parts} as evenly as whole numbers go."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def measure(server: Server, point: Point, settings: Settings) -> Sample:
+    """
+    Drive C{server} at C{point} for one window and return what it cost.
+
+    @raise MeasureError: the load client failed (a mismatch, a cut or
+        refused connection, a timeout) or the server died.
+    """
+    shares = split(point.connections, settings.clients)
+    loads = [LoadProcess(server.port, point.workload, n, point.size, settings, seed=862 + i)
+             for i, n in enumerate(shares)]
+    try:
+        deadline = time.monotonic() + settings.warmup + settings.timeout + point.connections / 50
+        for load in loads:
+            line = load.next(deadline)
+            if line.strip() != b"ready":
+                raise MeasureError(clientError(line))
+        before = server.cpuSeconds()
+        for load in loads:
+            load.say("go")
+        deadline = time.monotonic() + settings.duration + settings.timeout
+        results = [json.loads(load.next(deadline)) for load in loads]
+        after = server.cpuSeconds()
+    finally:
+        for load in loads:
+            load.close()
+    for r in results:
+        if r.get("error"):
+            raise MeasureError(f"load client: {r['error']}")
+    if not server.alive():
+        raise MeasureError(f"{server.name} died: {server.lastWords()}")
+    messages = sum(r["messages"] for r in results)
+    if messages == 0:
+        raise MeasureError("no message came back in the window")
+    return Sample(
+        messages=messages,
+        msgsPerS=sum(r["inWindow"] / r["seconds"] for r in results),
+        cpuSeconds=after - before,
+        rttUs=[us for r in results for us in r["rttUs"]],
+    )
+
+
+def clientError(line: bytes) -> str:
+    try:
+        why = json.loads(line).get("error")
+    except (ValueError, AttributeError):
+        why = None
+    return f"load client: {why or line.decode(errors='replace').strip()[:200]}"
+
+
+@dataclass
+class Progress:
+    """
+    The progress bar on stderr: points done, runs done, and the time left,
+    estimated from the runs so far. On a terminal it redraws one line; in a
+    log it writes a line per point.
+    """
+
+    points: int
+    runs: int  # measurements planned (capped servers need none)
+    perRun: float  # first guess of the seconds per run
+    stream: Any = field(default_factory=lambda: sys.stderr)
+    pointsDone: int = 0
+    runsDone: int = 0
+    started: float = field(default_factory=time.monotonic)
+    width: int = 24
+
+    def __post_init__(self) -> None:
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def run(self, n: int = 1) -> None:
+        self.runsDone += n
+        if self.tty:
+            self.draw()
+
+    def point(self) -> None:
+        self.pointsDone += 1
+        self.draw()
+
+    def left(self) -> float:
+        remaining = max(0, self.runs - self.runsDone)
+        if self.runsDone:
+            return (time.monotonic() - self.started) / self.runsDone * remaining
+        return self.perRun * remaining
+
+    def text(self) -> str:
+        done = self.runsDone / self.runs if self.runs else self.pointsDone / max(1, self.points)
+        bar = "#" * round(done * self.width)
+        left = int(self.left() + 0.5)
+        return (f"echoplug-bench [{bar:<{self.width}}] {self.pointsDone}/{self.points} points, "
+                f"{self.runsDone}/{self.runs} runs, {left // 60}m{left % 60:02d}s left")
+
+    def draw(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.text() + "\x1b[K")
+        else:
+            self.stream.write(self.text() + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def plan(points: Sequence[Point], targets: Sequence[Target], repeat: int) -> int:
+    """The number of measurements a sweep will make."""
+    return sum(repeat for p in points for t in targets if not isCapped(t, p))
+
+
+def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
+             onRun: Callable[[], None] = lambda: None) -> list[Row]:
+    """Measure every target at C{point}; a row for each, whatever happens."""
+    failures: dict[Target, str] = {}
+    samples: dict[Target, list[Sample]] = {t: [] for t in targets}
+    runnable = [t for t in targets if not isCapped(t, point)]
+    with contextlib.ExitStack() as stack:
+        running: dict[Target, Server] = {}
+        spawned = []
+        for t in runnable:
+            s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+            stack.callback(s.stop)
+            spawned.append((t, s))
+        for t, s in spawned:
+            try:
+                try:
+                    servers.waitReady(s, settings.timeout)
+                except ServerError:
+                    if "in use" not in s.lastWords():
+                        raise
+                    s = servers.start(t.kind, t.reactor, settings.logDir, settings.serverArgs,
+                                      settings.timeout)
+                    stack.callback(s.stop)
+                running[t] = s
+            except ServerError as e:
+                failures[t] = str(e)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        needed = point.idle * len(running) + 64
+        for t, s in running.items():
+            if needed > limit:
+                failures[t] = (f"{needed} descriptors needed for the idle connections, "
+                               f"RLIMIT_NOFILE is {limit}")
+                continue
+            try:
+                held = openIdle(s.port, point.idle, settings.timeout)
+            except OSError as e:
+                failures[t] = f"idle connections: {e.strerror or e}"
+                continue
+            stack.callback(closeAll, held)
+        for _ in range(settings.repeat):
+            for t in runnable:
+                if t not in failures:
+                    try:
+                        samples[t].append(measure(running[t], point, settings))
+                    except (MeasureError, ServerError) as e:
+                        failures[t] = str(e)
+                onRun()
+    rows = []
+    for t in targets:
+        row = summarize(t, point, samples[t])
+        if isCapped(t, point):
+            row.status = CAPPED
+        elif t in failures:
+            row.status = "error: " + failures[t].replace("\n", " ")
+        rows.append(row)
+    return rows
+
+
+def sweep(points: Sequence[Point], targets: Sequence[Target], settings: Settings,
+          progress: Progress | None = None,
+          onPoint: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Run every point; C{onPoint} sees each point's rows as they come."""
+    raiseFileLimit()
+    rows: list[Row] = []
+    for point in points:
+        pointRows = runPoint(point, targets, settings,
+                             progress.run if progress else lambda: None)
+        rows.extend(pointRows)
+        onPoint(pointRows)
+        if progress:
+            progress.point()
+    if progress:
+        progress.finish()
+    return rows

@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_servers -*-
+"""
+The servers under test, each its own process, and their CPU time.
+
+  - C{echoplug}: C{twistd -r REACTOR -n --pidfile= echoplug --port ...}, with
+    the lab's server arguments (C{--log-level warn} unless told otherwise);
+  - C{wire-echo}: stock C{twisted.protocols.wire.Echo} under the same
+    C{twistd -r REACTOR} (L{echoplug.lab.wireecho});
+  - C{asyncio}: the stdlib asyncio echo (L{echoplug.lab.asyncioecho}), on
+    its own event loop whatever the reactor.
+
+The reactor name goes to C{twistd -r} as it is, so a reactor that another
+package adds through a Twisted reactor plugin works without changes here.
+
+A server listens on a port the lab picked free on 127.0.0.1 and is ready once
+it accepts a connection: at C{--log-level warn} echoplug says nothing on
+start-up. The rare port taken in between is retried with another one. Its
+output goes to a log file, never to a pipe nobody reads (a full pipe would
+stop the server).
+
+CPU time is utime + stime from C{/proc/PID/stat}: all the time the kernel
+billed to the server process, in user space and in system calls.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import echoplug
+
+KINDS = ("echoplug", "wire-echo", "asyncio")
+STDLIB = "stdlib"  # the reactor column of the asyncio peer: its own event loop
+TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(echoplug.__file__).resolve().parent.parent
+
+# twistd from this interpreter, with a predictable pid (no wrapper script).
+TWISTD = [sys.executable, "-c",
+          "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+
+
+class ServerError(Exception):
+    """A server that would not start or died; the message is one line."""
+
+
+def childEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """
+    The environment of every child: the echoplug the lab runs from comes
+    first on C{PYTHONPATH}, so twistd finds the same echoplug (and its
+    dropin) and the load client is the same code.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpuSeconds(pid: int) -> float:
+    """utime + stime of process C{pid}, in seconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as e:
+        raise ServerError(f"cannot read the CPU time of process {pid}: {e.strerror}") from None
+    # The command name (field 2) may hold spaces: split after its ")".
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def label(kind: str, reactor: str) -> str:
+    """How a server is named in tables and plots."""
+    return f"{kind} ({reactor})" if kind == "asyncio" else f"{kind}/{reactor}"
+
+
+@dataclass
+class Server:
+    """One running server process."""
+
+    kind: str
+    reactor: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def name(self) -> str:
+        return label(self.kind, self.reactor)
+
+    def cpuSeconds(self) -> float:
+        return cpuSeconds(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def lastWords(self) -> str:
+        """The last line the server logged, for a one-line error."""
+        try:
+            lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines()]
+        except OSError:
+            return ""
+        lines = [line for line in lines if line]
+        return lines[-1] if lines else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def command(kind: str, reactor: str, port: int,
+            serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The argv and extra environment that start C{kind} on C{port}."""
+    if kind == "echoplug":
+        return ([*TWISTD, "-r", reactor, "-n", "--pidfile=", "echoplug",
+                 "--port", f"tcp:{port}:interface=127.0.0.1", *serverArgs], {})
+    if kind == "wire-echo":
+        tac = Path(__file__).with_name("wireecho.py")
+        return ([*TWISTD, "-r", reactor, "-n", "--pidfile=", "-y", str(tac)],
+                {"ECHOPLUG_LAB_PORT": str(port)})
+    if kind == "asyncio":
+        return [sys.executable, "-m", "echoplug.lab.asyncioecho", str(port)], {}
+    raise ValueError(f"unknown server kind {kind!r}")
+
+
+def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ()) -> Server:
+    """Start a server; do not wait for it (see L{waitReady})."""
+    port = freePort()
+    argv, extra = command(kind, reactor, port, list(serverArgs))
+    logDir.mkdir(parents=True, exist_ok=True)
+    log = logDir / f"{kind}-{reactor}-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=childEnv(extra),
+                                start_new_session=True)
+    return Server(kind, reactor, port, proc, log, argv)
+
+
+def waitReady(server: Server, timeout: float = 30.0) -> None:
+    """
+    Wait until C{server} accepts a connection.
+
+    @raise ServerError: if it exits first or does not answer in time.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise ServerError(f"{server.name} exited with status {server.proc.returncode}: "
+                              f"{server.lastWords() or 'no output'}")
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerError(f"{server.name} did not listen within {timeout:g}s")
+
+
+def start(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
+          timeout: float = 30.0, tries: int = 3) -> Server:
+    """Start a server and wait until it listens, retrying a port taken meanwhile."""
+    for attempt in range(tries):
+        server = spawn(kind, reactor, logDir, serverArgs)
+        try:
+            waitReady(server, timeout)
+            return server
+        except ServerError:
+            server.stop()
+            if "in use" not in server.lastWords() or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
