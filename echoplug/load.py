@@ -123,6 +123,24 @@ class Run:
             self.drained.callback(None)
 
 
+def sendNow(transport: Any, data: bytes) -> None:
+    """
+    Send C{data} at once if nothing is queued, as asyncio does, and queue
+    only what the socket did not take. C{transport.write} alone would send
+    on the reactor's next turn, after two more C{epoll_ctl} calls: on one
+    connection that makes the client, not the server, set the pace, and an
+    idler server spends more CPU per message (it sleeps and wakes for each).
+    """
+    if transport.dataBuffer or transport._tempDataLen:
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if not isinstance(sent, int):  # the connection is gone: let Twisted report it
+        transport.write(data)
+    elif sent < len(data):
+        transport.write(data[sent:])
+
+
 class LoadProtocol(Protocol):
     """
     One connection of the C{load} workload: one message in flight, each echo
@@ -151,7 +169,7 @@ class LoadProtocol(Protocol):
         self.expected = run.payloads[self.index]
         run.inFlight += 1
         self.sentAt = time.perf_counter_ns()
-        self.transport.write(self.expected)
+        sendNow(self.transport, self.expected)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.received and data == self.expected:
@@ -330,9 +348,17 @@ class Control(Protocol):
                 d.errback(LoadError(f"stdin closed before {word!r}"))
 
 
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+def say(control: Control | None, line: str) -> None:
+    """
+    Write one line of output. Under C{--sync} it goes through the stdio
+    transport: StandardIO makes stdout non-blocking, so a plain
+    C{sys.stdout.write} of a long result could fail half-way.
+    """
+    if control is not None:
+        control.transport.write(line.encode() + b"\n")
+    else:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 async def drive(reactor: Any, options: argparse.Namespace, run: Run,
@@ -352,7 +378,7 @@ async def drive(reactor: Any, options: argparse.Namespace, run: Run,
             ChurnFactory(run, payload).start()
     await run.wait(deferLater(reactor, options.warmup, lambda: None))
     if control is not None:
-        say("ready")
+        say(control, "ready")
         await run.wait(control.words["go"])
     run.startWindow()
     started = time.perf_counter()
@@ -402,6 +428,10 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parseArgs(argv)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # where a stuck client is: kill -USR1 PID
     from echoplug.client import installReactor
 
     reactor = installReactor(options.reactor)
@@ -424,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "messages" not in outcome:
             outcome.update(workload=options.workload, messages=0, inWindow=0,
                            seconds=0.0, rttUs=[])
-        say(json.dumps(outcome, separators=(",", ":")))
-        if control is not None and outcome.get("error") is None:
+        say(control, json.dumps(outcome, separators=(",", ":")))
+        if control is not None:
+            # Hold the sockets open (and let the transport flush the line)
+            # until the runner has read the server's CPU time and says quit.
             await control.words["quit"]
         for close in getattr(run, "closers", []):
             close()

@@ -137,7 +137,8 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str]
                 ax.axvline(SELECT_LIMIT, color="tab:red", linestyle=":", linewidth=1)
                 ax.annotate(f"select capped\n(FD_SETSIZE {FD_SETSIZE})",
                             xy=(SELECT_LIMIT, 0.97), xycoords=("data", "axes fraction"),
-                            xytext=(-4, 0), textcoords="offset points", ha="right", va="top", fontsize=7, color="tab:red")
+                            xytext=(-4, 0), textcoords="offset points", ha="right",
+                            va="top", fontsize=7, color="tab:red")
             if logx:
                 ax.set_xscale("log")
             ax.set_ylim(bottom=0)
