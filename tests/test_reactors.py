@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,3 +196,16 @@ def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
         m = server.waitFor(r"\[(\S+)\] close 127\.0\.0\.1:\d+ after \d+\.\d{3}s, "
                            r"3 bytes echoed, closed")
         assert m[1] == "echoplug.factory.EchoFactory#info"
+
+
+def test_in_process_tests_run_on_a_lean_reactor(tmp_path) -> None:
+    """ECHOPLUG_TEST_REACTOR (tests/conftest.py) runs pytest-twisted tests on it."""
+    from tests.support import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_eager.py", "tests/test_service.py::test_reactor_name_of_installed_reactor"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=testEnv({"ECHOPLUG_TEST_REACTOR": "echoplug-epoll"}))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
