@@ -4,15 +4,21 @@ The factory: builds L{Echo} protocols and keeps the books on open connections.
 
 Everything that is per-server rather than per-byte lives here, beside the
 protocol rather than inside it: the set of open connections (for draining),
-the counters, and the access log written when a connection closes.
+the counters, the access log written when a connection closes, and the
+limits. Limits are checked once per connection (caps, in C{buildProtocol})
+or once per sweep (the idle timeout), never per message:
+C{twisted.protocols.policies}' wrappers would put a call on every message and
+lose half-close on the way.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IAddress, ITransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -30,12 +36,33 @@ class EchoFactory(ServerFactory):
     @ivar bytesEchoed: bytes received on closed connections (each one was
         echoed back, unless the connection was cut first); add
         C{openBytes()} for the total including open ones.
+    @ivar refused: connections closed at once, unserved, because of a cap.
+    @ivar maxConnections: the cap on open connections, or C{None}.
+    @ivar maxPerPeer: the cap on open connections from one IP, or C{None}.
+    @ivar perPeer: open connections by client IP (kept only under a per-peer cap).
+    @ivar idleTimeout: seconds without traffic before L{sweepIdle} closes a
+        connection, or C{None}.
+    @ivar fdWall: under the select reactor, FD_SETSIZE: a connection whose
+        descriptor reaches it is closed before select() ever sees it.
     """
+
+    refusalLogInterval = 1.0  # at most one refusal line per this many seconds
 
     log = Logger(namespace="echoplug")
     noisy = False  # no "Starting factory" lines: the service logs its own.
 
-    def __init__(self, trace: bool = False, logLevel: str = "info") -> None:
+    def __init__(
+        self,
+        trace: bool = False,
+        logLevel: str = "info",
+        maxConnections: int | None = None,
+        maxPerPeer: int | None = None,
+        idleTimeout: float | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock: Any = clock
         self.protocol = TracingEcho if trace else Echo
         level = LEVELS[logLevel]
         # Decided once, so the per-connection path tests a bool, not a level.
@@ -49,21 +76,94 @@ class EchoFactory(ServerFactory):
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
+        self.refused = 0
+        self.maxConnections = maxConnections
+        self.maxPerPeer = maxPerPeer
+        self.perPeer: dict[str, int] = {}
+        self.idleTimeout = idleTimeout
+        self.fdWall: int | None = None
+        self._lastRefusalLog = -1e9
+        self._suppressed = 0
+        self._flushCall: Any = None
+        self._emptyWaiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> Echo | None:
+        # Returning None makes the listening port close the new socket at
+        # once: the client sees EOF (or a reset), and is never served.
+        if self.maxConnections is not None and len(self.connections) >= self.maxConnections:
+            return self.refuse(addr, f"at --max-connections {self.maxConnections}")
+        host = None
+        if self.maxPerPeer is not None:
+            host = getattr(addr, "host", None)  # None for UNIX sockets: not capped
+            if host is not None and self.perPeer.get(host, 0) >= self.maxPerPeer:
+                return self.refuse(
+                    addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}"
+                )
         p = self.protocol()
         p.factory = self
+        if host is not None:
+            p.peerHost = host
         return p
 
+    def refuse(self, addr: IAddress, why: str) -> None:
+        """
+        Count a refused connection and log it, at most one line per
+        L{refusalLogInterval}: a flood of refusals must not flood the log.
+        """
+        self.refused += 1
+        now = self.clock.seconds()
+        if now - self._lastRefusalLog >= self.refusalLogInterval:
+            n, self._suppressed = self._suppressed, 0
+            self._lastRefusalLog = now
+            self.log.warn(
+                "refused {peer}: {why}{more}", peer=formatAddress(addr), why=why,
+                more=f" (and {n} more refused before)" if n else "", suppressed=n,
+            )
+        else:
+            self._suppressed += 1
+            if self._flushCall is None:
+                self._flushCall = self.clock.callLater(
+                    self._lastRefusalLog + self.refusalLogInterval - now, self._flushRefusals
+                )
+        return None
+
+    def _flushRefusals(self) -> None:
+        self._flushCall = None
+        if self._suppressed:
+            n, self._suppressed = self._suppressed, 0
+            self._lastRefusalLog = self.clock.seconds()
+            self.log.warn("refused {n} more connections (over a cap)", n=n)
+
     def connectionMade(self, proto: Echo) -> None:
+        if self.fdWall is not None and fileno(proto.transport) >= self.fdWall:
+            # Under select(), a descriptor at FD_SETSIZE or above would make
+            # the reactor drop connections and even listening ports. Close it
+            # before the reactor selects again. Rare: the cap keeps us below.
+            proto.counted = False
+            self.refuse(proto.transport.getPeer(), f"descriptor at or over {self.fdWall} "
+                        "(the select reactor's limit)")
+            proto.transport.abortConnection()
+            return
         self.connections.add(proto)
         self.accepted += 1
+        if proto.peerHost is not None:
+            self.perPeer[proto.peerHost] = self.perPeer.get(proto.peerHost, 0) + 1
         if self.logOpen:
             self.openLine(peer=self.peerOf(proto.transport))
 
     def connectionLost(self, proto: Echo, reason: Failure) -> None:
+        if not proto.counted:
+            return
         self.connections.discard(proto)
         self.bytesEchoed += proto.bytesIn
+        if proto.peerHost is not None:
+            left = self.perPeer.pop(proto.peerHost) - 1
+            if left:
+                self.perPeer[proto.peerHost] = left
+        if self._emptyWaiters and not self.connections:
+            waiters, self._emptyWaiters = self._emptyWaiters, []
+            for d in waiters:
+                self.clock.callLater(0, d.callback, None)
         if self.logClose:
             self.closeLine(
                 peer=self.peerOf(proto.transport),
@@ -72,6 +172,49 @@ class EchoFactory(ServerFactory):
                 why=proto.closeReason or describeReason(reason),
             )
 
+    def whenEmpty(self) -> defer.Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._emptyWaiters.append(d)
+        return d
+
+    def closeAll(self, why: str) -> int:
+        """Abort every open connection, recording C{why}; return how many."""
+        open_ = list(self.connections)
+        for p in open_:
+            p.close(why)
+        return len(open_)
+
+    def sweepIdle(self) -> None:
+        """
+        Close the connections that have had no traffic for C{idleTimeout}.
+
+        Run every fraction of the timeout by the service, instead of a timer
+        reset on every message. A connection is busy if it received bytes or
+        if its send buffer changed (it sent some) since the last sweep; one
+        paused by backpressure, whose client reads nothing, is neither, and
+        L{Echo.close} aborts it (loseConnection() would wait for the
+        registered producer for ever); an idle one with nothing to send
+        gets an orderly close.
+        """
+        timeout = self.idleTimeout
+        if timeout is None:
+            return
+        now = self.clock.seconds()
+        for p in list(self.connections):
+            mark = (p.bytesIn, pendingBytes(p.transport))
+            if mark != p.idleMark:
+                p.idleMark = mark
+                p.idleSince = now
+            elif p.idleSince is None:
+                p.idleSince = now  # first sweep that saw it: idle from here
+            elif now - p.idleSince >= timeout:
+                # Nothing left to send: a FIN. Stuck with unsent bytes (or
+                # still open a sweep after a FIN): abort.
+                p.close("idle timeout", graceful=mark[1] == 0 and not p.closeReason)
+
     def openBytes(self) -> int:
         """Bytes received so far on the connections still open."""
         return sum(p.bytesIn for p in self.connections)
@@ -79,6 +222,33 @@ class EchoFactory(ServerFactory):
     @staticmethod
     def peerOf(transport: ITransport) -> str:
         return formatAddress(transport.getPeer())
+
+
+def _bottom(transport: Any) -> Any:
+    # A TLS transport wraps the TCP one: look through wrappers to the socket.
+    while not hasattr(transport, "dataBuffer") and hasattr(transport, "transport"):
+        transport = transport.transport
+    return transport
+
+
+def pendingBytes(transport: Any) -> int:
+    """
+    Bytes written but not yet sent, from the fields of Twisted's
+    C{FileDescriptor} (every POSIX reactor, asyncio included); 0 if unknown.
+    """
+    t = _bottom(transport)
+    try:
+        return len(t.dataBuffer) - t.offset + t._tempDataLen
+    except AttributeError:
+        return 0
+
+
+def fileno(transport: Any) -> int:
+    """The descriptor under C{transport}, or -1 if it has none."""
+    try:
+        return int(_bottom(transport).fileno())
+    except (AttributeError, TypeError, ValueError):
+        return -1
 
 
 def describeReason(reason: Failure) -> str:

@@ -45,6 +45,12 @@ class Echo(Protocol):
     started = 0.0
     closeReason: str | None = None
     send: Callable[[bytes], None]
+    # Book-keeping for the factory's limits, as class defaults so that a
+    # connection costs no more unless a limit is on.
+    peerHost: str | None = None  # the key in factory.perPeer, under a per-peer cap
+    counted = True  # False if refused in connectionMade (the select wall)
+    idleMark: tuple[int, int] = (0, 0)  # (bytesIn, unsent bytes) at the last sweep
+    idleSince: float | None = None  # when idleMark last changed
 
     def connectionMade(self) -> None:
         # The transport is its own streaming producer: when its send buffer
@@ -73,14 +79,23 @@ class Echo(Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.connectionLost(self, reason)
 
-    def close(self, why: str) -> None:
+    def close(self, why: str, graceful: bool = False) -> None:
         """
-        Close this connection at once, unsent data and all, and say why in
-        the access log. Used for timeouts, caps and the end of a drain.
+        Close this connection and say why in the access log. Used for
+        timeouts, caps and the end of a drain.
+
+        @param graceful: send what is buffered, then FIN, rather than abort
+            at once (a reset). Only for a connection whose buffer is empty
+            or draining: loseConnection() waits for the buffer to flush.
         """
         if self.closeReason is None:
             self.closeReason = why
-        self.transport.abortConnection()
+        if graceful:
+            # loseConnection() waits while a producer is registered.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
 
 
 class TracingEcho(Echo):

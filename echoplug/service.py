@@ -6,15 +6,23 @@ L{EchoService} is a L{MultiService} of L{Listener}s that share one
 L{EchoFactory}. A listener binds in C{privilegedStartService}, before twistd
 drops privileges, and turns a port that cannot be bound into one line and a
 non-zero exit instead of a traceback.
+
+The service also owns what spans the process's life: the idle-timeout sweep,
+the cap that keeps the select reactor below FD_SETSIZE, and the graceful
+drain on SIGTERM (stop listening, let open connections finish, abort what is
+left at the drain timeout).
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -38,6 +46,65 @@ def reactorName(reactor: object) -> str:
     return type(reactor).__name__
 
 
+#: select() cannot watch a descriptor at or above this (Python raises
+#: ValueError, and Twisted's SelectReactor then drops descriptors silently).
+FD_SETSIZE = 1024
+#: Descriptors kept free under the select reactor for what is not a
+#: connection: stdio, listening ports, log files, the reactor's waker, the
+#: descriptor Twisted reserves for EMFILE recovery, a socket being refused.
+FD_HEADROOM = 64
+
+
+def selectWall(reactor: object) -> int | None:
+    """
+    FD_SETSIZE if C{reactor} waits with select(), else C{None} (poll, epoll
+    and asyncio's epoll selector have no such limit).
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    return FD_SETSIZE if isinstance(reactor, SelectReactor) else None
+
+
+def raiseNoFile(wall: int | None) -> int:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit, unless select() is in
+    use (C{wall}), where more descriptors are no use; return the soft limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if wall is None and soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Refused(Protocol):
+    """A connection over a cap, behind a wrapper (TLS): closed at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class RefuseByClosing(ServerFactory):
+    """
+    Let a wrapping factory (TLS) see a refusal as a protocol that closes at
+    once rather than as C{None}, which C{WrappingFactory} cannot handle.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: EchoFactory) -> None:
+        self.factory = factory
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.factory.buildProtocol(addr) or Refused()
+
+
 class Listener(Service):
     """
     Listen on one endpoint with the shared factory.
@@ -59,7 +126,13 @@ class Listener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failed: list[Failure] = []
-        d = self.endpoint.listen(self.factory)
+        factory: ServerFactory = self.factory
+        if isinstance(self.endpoint, SSL4ServerEndpoint) or self.description.startswith(
+                ("ssl:", "tls:")):
+            # TLS wraps our factory, and wraps the None of a refusal too,
+            # which then fails with a traceback: refuse with a protocol.
+            factory = RefuseByClosing(self.factory)
+        d = self.endpoint.listen(factory)
         d.addCallbacks(self._listening, failed.append)
         if failed:
             # TCP, UNIX and systemd endpoints listen at once, so a port in
@@ -96,12 +169,34 @@ class Listener(Service):
 class EchoService(MultiService):
     """
     One echoplug server: its listeners and the factory they share.
+
+    @ivar drainTimeout: seconds that open connections get to finish after
+        C{stopService} (SIGTERM) before they are aborted.
     """
 
-    def __init__(self, factory: EchoFactory, logObserver: ILogObserver | None = None) -> None:
+    log = Logger(namespace="echoplug")
+    #: The sweep runs this many times per idle timeout, so a connection is
+    #: closed after between 1 and 1.5 timeouts without traffic.
+    sweepsPerTimeout = 4
+
+    def __init__(
+        self,
+        factory: EchoFactory,
+        logObserver: ILogObserver | None = None,
+        drainTimeout: float = 5.0,
+        reactor: Any = None,
+    ) -> None:
         super().__init__()
         self.factory = factory
         self.logObserver = logObserver
+        self.drainTimeout = drainTimeout
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self._sweeper: task.LoopingCall | None = None
+        self._draining: defer.Deferred[None] | None = None
+        self._drainTimer: Any = None
+        self._descriptorsApplied = False
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd makes an Application (a Componentized) and starts logging to
@@ -123,3 +218,112 @@ class EchoService(MultiService):
     def whenListening(self) -> defer.Deferred[list[IListeningPort]]:
         """Fires with every listening port, once all of them listen."""
         return defer.gatherResults([listener.ready for listener in self.listeners])
+
+    def privilegedStartService(self) -> None:
+        if not self._descriptorsApplied:
+            self._descriptorsApplied = True
+            self.applyDescriptorLimits()
+        super().privilegedStartService()
+
+    def applyDescriptorLimits(self) -> None:
+        """
+        Keep connections below the descriptors this process can use, so that
+        a connection over the limit is refused by echoplug (counted, and
+        logged at most once a second) instead of failing inside the reactor.
+
+        Under select, no descriptor may reach FD_SETSIZE. Otherwise the soft
+        RLIMIT_NOFILE is raised to the hard one (the soft default of 1024
+        exists for select() programs; others are expected to raise it), and
+        what is left of it caps connections. Warn if a larger
+        --max-connections was asked for.
+        """
+        factory = self.factory
+        wall = selectWall(self.reactor)
+        limit = raiseNoFile(wall)
+        reason = f"RLIMIT_NOFILE is {limit}; raise it with ulimit -n or LimitNOFILE="
+        if wall is not None:
+            factory.fdWall = wall
+            if wall <= limit:
+                limit = wall
+                reason = (f"select() cannot watch descriptors past {wall}; "
+                          "use -r epoll for more")
+        cap = max(1, limit - min(FD_HEADROOM, limit // 2))
+        asked = factory.maxConnections
+        if asked is not None and asked <= cap:
+            return
+        factory.maxConnections = cap
+        if asked is None:
+            self.log.info("at most {cap} connections at once ({reason})", cap=cap, reason=reason)
+        else:
+            self.log.warn("--max-connections {asked} lowered to {cap} ({reason})",
+                          asked=asked, cap=cap, reason=reason)
+
+    def startService(self) -> None:
+        self._draining = None
+        super().startService()
+        timeout = self.factory.idleTimeout
+        if timeout:
+            self._sweeper = task.LoopingCall(self.factory.sweepIdle)
+            self._sweeper.clock = self.reactor
+            # Never more often than 20 times a second, however short the timeout.
+            self._sweeper.start(max(timeout / self.sweepsPerTimeout, 0.05), now=False)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop listening at once, then drain: open connections keep echoing
+        until their clients finish, and whatever is open after
+        C{drainTimeout} seconds is aborted. Fires when no connection is left.
+        """
+        if self._draining is not None:
+            return self._draining
+        self._hurryOnSignals()
+        stopped = super().stopService()
+        d = defer.Deferred()
+        self._draining = d
+        n = len(self.factory.connections)
+        if n:
+            self.log.info("stopped listening; draining {n} connection(s), at most {t:g}s",
+                          n=n, t=self.drainTimeout)
+        self._drainTimer = self.reactor.callLater(self.drainTimeout, self._endDrain,
+                                                  "drain timeout")
+        empty = self.factory.whenEmpty()
+        empty.addCallback(lambda _: self._drained())
+        stopped.addErrback(lambda f: self.log.failure("while stopping listeners", f))
+        return defer.gatherResults([stopped, d]).addCallback(lambda _: None)
+
+    def _endDrain(self, why: str) -> None:
+        """Abort every connection still open; the drain ends right after."""
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        n = self.factory.closeAll(why)
+        if n:
+            self.log.info("{why}: closed {n} connection(s)", why=why, n=n)
+        # The aborted connections report connectionLost on the next reactor
+        # turn; never wait longer than that, whatever a transport does.
+        self.reactor.callLater(0.5, self._drained)
+
+    def _drained(self) -> None:
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        d = self._draining
+        if d is not None and not d.called:
+            d.callback(None)
+
+    def _hurryOnSignals(self) -> None:
+        """
+        Once shutdown has begun, a second SIGTERM or SIGINT ends the drain at
+        once. Twisted's own handler would call reactor.stop() again, which
+        raises ReactorNotRunning and logs a traceback.
+        """
+        def hurry(number: int, frame: object) -> None:
+            self.reactor.callFromThread(self._endDrain, "second signal")
+
+        # Only where the reactor installed its own handlers (twistd does;
+        # a test runner driving the reactor does not): leave others alone.
+        for sig, theirs in ((signal.SIGTERM, "sigTerm"), (signal.SIGINT, "sigInt")):
+            if signal.getsignal(sig) == getattr(self.reactor, theirs, None):
+                signal.signal(sig, hurry)

@@ -64,6 +64,36 @@ def parseEndpoint(description: str) -> IStreamServerEndpoint:
         raise usage.UsageError(f"--port {description}: {why}") from None
 
 
+def seconds(option: str, value: str) -> float:
+    """
+    A duration in seconds: a finite number, zero or more.
+
+    @raise usage.UsageError: for anything else.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(f"{option} {value!r}: not a number of seconds") from None
+    if not 0 <= number < float("inf"):
+        raise usage.UsageError(f"{option} {value}: a number of seconds, 0 or more")
+    return number
+
+
+def positive(option: str, value: str) -> int:
+    """
+    A cap: a whole number, 1 or more.
+
+    @raise usage.UsageError: for anything else.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(f"{option} {value!r}: not a whole number") from None
+    if number < 1:
+        raise usage.UsageError(f"{option} {value}: must be 1 or more")
+    return number
+
+
 class Options(usage.Options):
     """
     Options of the C{twistd echoplug} plugin.
@@ -80,6 +110,18 @@ class Options(usage.Options):
         ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
          "line (json), to stdout. Given either, echoplug owns the log and twistd's "
          "--logfile is not used. [default: text]"],
+    ]
+    optParameters += [
+        ["idle-timeout", None, None, "Close a connection after this many seconds "
+         "with no traffic either way, even one paused because its client stopped "
+         "reading. 0: never. [default: 0]"],
+        ["max-connections", None, None, "Serve at most N connections at once; more "
+         "are closed at once, unserved. [default: what the descriptor limit allows; "
+         "960 under -r select]"],
+        ["max-connections-per-peer", None, None, "Serve at most N connections at once "
+         "from one client IP. [default: no cap]"],
+        ["drain-timeout", None, "5", "On SIGTERM, stop listening and give open "
+         "connections this many seconds to finish, then close them."],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
@@ -123,6 +165,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--log-format {self['log-format']!r}: choose one of {', '.join(FORMATS)}"
             )
+        self["idle-timeout"] = seconds("--idle-timeout", self["idle-timeout"] or "0") or None
+        self["drain-timeout"] = seconds("--drain-timeout", self["drain-timeout"])
+        for cap in ("max-connections", "max-connections-per-peer"):
+            if self[cap] is not None:
+                self[cap] = positive(f"--{cap}", self[cap])
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
         self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
@@ -139,11 +186,17 @@ def makeService(config: Options) -> IService:
     """
     Build the echoplug service: one factory shared by a listener per C{--port}.
     """
-    factory = EchoFactory(trace=config["trace"], logLevel=config["log-level"])
+    factory = EchoFactory(
+        trace=config["trace"],
+        logLevel=config["log-level"],
+        maxConnections=config["max-connections"],
+        maxPerPeer=config["max-connections-per-peer"],
+        idleTimeout=config["idle-timeout"],
+    )
     observer = None
     if config["own-log"]:
         observer = makeObserver(config["log-format"], config["log-level"])
-    service = EchoService(factory, logObserver=observer)
+    service = EchoService(factory, logObserver=observer, drainTimeout=config["drain-timeout"])
     for description, endpoint in config["endpoints"]:
         service.listen(description, endpoint)
     return service

@@ -68,7 +68,7 @@ def test_default_level_hides_debug(tmp_path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         with connect(server.port) as s:
             s.sendall(b"abcd")
-            s.shutdown(2 - 1)  # SHUT_WR
+            s.shutdown(1)  # SHUT_WR
             assert recvAll(s) == b"abcd"
         server.waitFor(r"close .* 4 bytes echoed")
     assert " open 127.0.0.1" not in server.output()
@@ -95,6 +95,18 @@ def test_json_format_through_twistd(tmp_path) -> None:
     assert closes[0]["peer"].startswith("127.0.0.1:")
     assert "5 bytes echoed" in closes[0]["message"]
     assert closes[0]["namespace"].startswith("echoplug")
+
+
+def test_trace_logs_like_the_original(tmp_path) -> None:
+    with twistd(None, "--trace", cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            s.sendall(b"ping")
+            s.shutdown(1)  # SHUT_WR
+            assert recvAll(s) == b"ping"
+        server.waitFor(r"connection from 127\.0\.0\.1:\d+")
+        server.waitFor(r"received b'ping' from 127\.0\.0\.1:\d+")
+        server.waitFor(r"sending b'ping' to 127\.0\.0\.1:\d+")
+        server.waitFor(r"closing 127\.0\.0\.1:\d+ after reading no data")
 
 
 class Source:

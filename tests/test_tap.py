@@ -46,6 +46,16 @@ def test_port_repeats() -> None:
         (["--log-level", "loud"], "--log-level"),
         (["--log-format", "xml"], "--log-format"),
         (["--nonsense"], "not recognized"),
+        (["--idle-timeout", "-1"], "0 or more"),
+        (["--idle-timeout", "soon"], "not a number of seconds"),
+        (["--idle-timeout", "inf"], "0 or more"),
+        (["--drain-timeout", "-0.5"], "0 or more"),
+        (["--drain-timeout", "nan"], "0 or more"),
+        (["--max-connections", "0"], "1 or more"),
+        (["--max-connections", "-5"], "1 or more"),
+        (["--max-connections", "lots"], "not a whole number"),
+        (["--max-connections-per-peer", "0"], "1 or more"),
+        (["--max-connections-per-peer", "2.5"], "not a whole number"),
     ],
 )
 def test_bad_options_exit_with_one_line(args: list[str], words: str) -> None:
@@ -56,10 +66,37 @@ def test_bad_options_exit_with_one_line(args: list[str], words: str) -> None:
     assert "\n" not in message
 
 
+def test_limits_parsed() -> None:
+    options = parse("--idle-timeout", "30", "--max-connections", "100",
+                    "--max-connections-per-peer", "4", "--drain-timeout", "0")
+    factory = makeService(options).factory
+    assert (factory.idleTimeout, factory.maxConnections, factory.maxPerPeer) == (30.0, 100, 4)
+    assert makeService(options).drainTimeout == 0.0
+    defaults = parse()
+    assert (defaults["idle-timeout"], defaults["max-connections"],
+            defaults["max-connections-per-peer"], defaults["drain-timeout"]) == (
+        None, None, None, 5.0)
+
+
 @pytest.mark.parametrize(
     "args",
-    [["--port", "abc"], ["--port", "99999"], ["--port", "nope:1"], ["--wat"],
-     ["--port", "systemd:domain=INET:index=0"]],
+    [
+        ["--port", "abc"],  # non-numeric
+        ["--port", "-1"],  # negative
+        ["--port", "99999"],  # out of range
+        ["--port", "nope:1"],  # unknown endpoint type
+        ["--port", "tcp:port=x"],  # bad endpoint argument
+        ["--wat"],  # unknown flag
+        ["--port", "systemd:domain=INET:index=0"],
+        ["--idle-timeout", "-3"],  # negative timeout
+        ["--idle-timeout", "x"],
+        ["--drain-timeout", "-1"],
+        ["--max-connections", "0"],  # zero cap
+        ["--max-connections", "-2"],  # negative cap
+        ["--max-connections-per-peer", "0"],
+        ["--max-connections-per-peer", "-1"],
+        ["--idle-timeout"],  # missing value
+    ],
 )
 def test_twistd_usage_errors(tmp_path, args: list[str]) -> None:
     result = subprocess.run(
@@ -81,5 +118,6 @@ def test_twistd_lists_the_plugin(tmp_path) -> None:
 def test_help_lists_every_option(tmp_path) -> None:
     result = subprocess.run([*twistdCommand(), "echoplug", "--help"], cwd=tmp_path,
                             env=testEnv(), capture_output=True, text=True, timeout=30)
-    for option in ("--port", "--trace", "--log-level", "--log-format"):
+    for option in ("--port", "--trace", "--log-level", "--log-format", "--idle-timeout",
+                   "--max-connections", "--max-connections-per-peer", "--drain-timeout"):
         assert option in result.stdout
