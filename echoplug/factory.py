@@ -44,6 +44,10 @@ class EchoFactory(ServerFactory):
         connection, or C{None}.
     @ivar fdWall: under the select reactor, FD_SETSIZE: a connection whose
         descriptor reaches it is closed before select() ever sees it.
+    @ivar bytesSent: bytes sent on closed connections: what they received
+        less what was still unsent when they closed (an aborted or reset
+        connection drops its buffer). Counted once per connection, at close,
+        so the per-message path stays as it is.
     """
 
     refusalLogInterval = 1.0  # at most one refusal line per this many seconds
@@ -76,6 +80,7 @@ class EchoFactory(ServerFactory):
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
+        self.bytesSent = 0
         self.refused = 0
         self.maxConnections = maxConnections
         self.maxPerPeer = maxPerPeer
@@ -156,6 +161,7 @@ class EchoFactory(ServerFactory):
             return
         self.connections.discard(proto)
         self.bytesEchoed += proto.bytesIn
+        self.bytesSent += proto.bytesIn - unsentBytes(proto.transport)
         if proto.peerHost is not None:
             left = self.perPeer.pop(proto.peerHost) - 1
             if left:
@@ -219,6 +225,10 @@ class EchoFactory(ServerFactory):
         """Bytes received so far on the connections still open."""
         return sum(p.bytesIn for p in self.connections)
 
+    def openSentBytes(self) -> int:
+        """Bytes sent so far on the connections still open."""
+        return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
+
     @staticmethod
     def peerOf(transport: ITransport) -> str:
         return formatAddress(transport.getPeer())
@@ -249,6 +259,28 @@ def fileno(transport: Any) -> int:
         return int(_bottom(transport).fileno())
     except (AttributeError, TypeError, ValueError):
         return -1
+
+
+def unsentBytes(transport: object) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed to the kernel.
+
+    Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor},
+    under every reactor echoplug runs on) keep them in C{dataBuffer} from
+    C{offset} on, plus C{_tempDataLen} bytes not yet joined to it; both
+    survive C{connectionLost}, so this works at close time too. A TLS
+    transport keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}:
+    unlike L{pendingBytes}, which looks through to the ciphertext, this
+    counts the bytes the protocol wrote, as C{bytesIn} does.
+    """
+    buffered = getattr(transport, "dataBuffer", None)
+    if buffered is not None:
+        return (len(buffered) - getattr(transport, "offset", 0)
+                + getattr(transport, "_tempDataLen", 0))
+    pending = getattr(transport, "_appSendBuffer", None)
+    if pending:
+        return sum(len(chunk) for chunk in pending)
+    return 0
 
 
 def describeReason(reason: Failure) -> str:

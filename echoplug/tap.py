@@ -24,10 +24,11 @@ from echoplug.service import EchoService
 DEFAULT_PORT = "10000"
 
 
-def endpointDescription(port: str) -> str:
+def endpointDescription(port: str, option: str = "--port") -> str:
     """
-    Turn a C{--port} value into an endpoint description: a bare number is
-    TCP on 127.0.0.1, anything else must already be an endpoint string.
+    Turn a C{--port} (or C{--metrics}) value into an endpoint description: a
+    bare number is TCP on 127.0.0.1, anything else must already be an
+    endpoint string.
 
     @raise usage.UsageError: for a bad number or something that is neither.
     """
@@ -35,16 +36,16 @@ def endpointDescription(port: str) -> str:
     if port.lstrip("+-").isdigit():
         number = int(port)
         if not 0 <= number <= 65535:
-            raise usage.UsageError(f"--port {port}: a port number is 0 to 65535")
+            raise usage.UsageError(f"{option} {port}: a port number is 0 to 65535")
         return f"tcp:{number}:interface=127.0.0.1"
     if ":" not in port:
         raise usage.UsageError(
-            f"--port {port!r}: not a port number or an endpoint (such as tcp:10000)"
+            f"{option} {port!r}: not a port number or an endpoint (such as tcp:10000)"
         )
     return port
 
 
-def parseEndpoint(description: str) -> IStreamServerEndpoint:
+def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndpoint:
     """
     Build the server endpoint for C{description} with the installed reactor
     (twistd installs the one named by C{-r} before it parses plugin options).
@@ -61,7 +62,7 @@ def parseEndpoint(description: str) -> IStreamServerEndpoint:
         if description.startswith("systemd:"):
             why = (f"no such socket was passed by the service manager "
                    f"(LISTEN_FDS/LISTEN_FDNAMES): {why}")
-        raise usage.UsageError(f"--port {description}: {why}") from None
+        raise usage.UsageError(f"{option} {description}: {why}") from None
 
 
 def seconds(option: str, value: str) -> float:
@@ -107,6 +108,9 @@ class Options(usage.Options):
     optParameters = [
         ["log-level", None, None, "Log only at this level or above: "
          + ", ".join(LEVELS) + ". [default: info]"],
+        ["metrics", None, None, "Serve Prometheus metrics over HTTP at /metrics on this "
+         "endpoint, such as tcp:9100:interface=127.0.0.1 (a bare number is TCP on "
+         "127.0.0.1). Needs prometheus_client (the metrics extra). [default: off]"],
         ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
          "line (json), to stdout. Given either, echoplug owns the log and twistd's "
          "--logfile is not used. [default: text]"],
@@ -173,6 +177,16 @@ class Options(usage.Options):
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
         self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
+        if self["metrics"] is not None:
+            self["metrics"] = endpointDescription(self["metrics"], "--metrics")
+            try:
+                # Only now, and only here: never from the dropin.
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--metrics needs prometheus_client: pip install 'echoplug[metrics]'"
+                ) from None
+            self["metrics-endpoint"] = parseEndpoint(self["metrics"], "--metrics")
 
     def opt_version(self) -> None:
         """Print echoplug's version and exit."""
@@ -199,4 +213,29 @@ def makeService(config: Options) -> IService:
     service = EchoService(factory, logObserver=observer, drainTimeout=config["drain-timeout"])
     for description, endpoint in config["endpoints"]:
         service.listen(description, endpoint)
+    if config["metrics"] is not None:
+        from twisted.internet import reactor
+
+        from echoplug.metrics import MetricsListener, makeSite
+
+        MetricsListener(f"--metrics {config['metrics']}", config["metrics-endpoint"],
+                        makeSite(factory, reactor)).setServiceParent(service)
+    # Last, so that it is stopped first: STOPPING=1 as shutdown begins.
+    notifier = notifierFor(service)
+    if notifier is not None:
+        notifier.setServiceParent(service)
     return service
+
+
+def notifierFor(service: EchoService) -> IService | None:
+    """
+    A L{SystemdNotifier} for C{service} when C{NOTIFY_SOCKET} is set (under
+    systemd with C{Type=notify}), else C{None}; an unusable address is one
+    line and a non-zero exit, not a unit stuck waiting for C{READY=1}.
+    """
+    from echoplug.notify import NotifyError, SystemdNotifier
+
+    try:
+        return SystemdNotifier.fromEnvironment(service)
+    except NotifyError as e:
+        raise SystemExit(f"echoplug: {e}") from None

@@ -276,3 +276,53 @@ def pushWithoutReading(port: int, total: int, measure: Callable[[], int],
         measured = measure()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return pushed, measured
+
+
+class NotifyReceiver:
+    """
+    A C{NOTIFY_SOCKET} bound by the test, as systemd binds its own: an
+    C{AF_UNIX} datagram socket at a path, or in the abstract namespace for
+    a name that starts with C{@}. C{.env} is what to give the child.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + name[1:] if name.startswith("@") else name)
+        self.messages: list[str] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": self.name}
+
+    def waitFor(self, key: str, timeout: float = 10.0) -> str:
+        """Read datagrams until one has the line C{key} (such as READY=1)."""
+        for message in self.messages:
+            if key in message.splitlines():
+                return message
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                message = self.sock.recv(4096).decode("utf-8")
+            except TimeoutError:
+                break
+            self.messages.append(message)
+            if key in message.splitlines():
+                return message
+        raise AssertionError(f"no {key} in {self.messages!r}")
+
+    def drain(self) -> list[str]:
+        """Everything received so far without waiting."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode("utf-8"))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
