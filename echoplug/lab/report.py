@@ -87,26 +87,32 @@ def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
         prefix = "" if workload == "load" else f"{workload}_"
         one, _ = units(workload)
         path = outDir / f"{prefix}cpu_vs_idle.png"
-        _grid(plt, these, path, x="idle", y=("cpu_us_per_msg",), panel="connections",
-              xlabel="idle connections", ylabel=f"server CPU µs per {one}",
+        _grid(plt, these, path, x="idle", y={"cpu_us_per_msg": f"server CPU µs per {one}"},
+              panel="connections", xlabel="idle connections",
               title=f"Server CPU per {one} against idle connections ({workload})")
         made.append(path)
         path = outDir / f"{prefix}latency_vs_connections.png"
-        _grid(plt, these, path, x="connections", y=("p50_us", "p99_us"), panel="idle",
+        _grid(plt, these, path, x="connections",
+              y={"p50_us": "p50 round trip µs", "p99_us": "p99 round trip µs"}, panel="idle",
               xlabel="active connections" if workload == "load" else "parallel loops",
-              ylabel="round trip µs (p50 solid/filled, p99 faint)",
-              title=f"Latency against active connections ({workload})", logx=True)
+              title=f"Round-trip latency against active connections ({workload})",
+              logx=True, logy=True)
         made.append(path)
     return made
 
 
-def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str], panel: str,
-          xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
-    """One panel per (message size, C{panel} value), one line per server."""
+def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
+          panel: str, xlabel: str, title: str, logx: bool = False,
+          logy: bool = False) -> None:
+    """
+    One panel per (message size, figure in C{y}) down and C{panel} value
+    across; one line per server.
+    """
     sizes = sorted({r.size for r in rows})
+    lines = [(size, column) for size in sizes for column in y]
     panels = sorted({getattr(r, panel) for r in rows})
-    fig, axes = plt.subplots(len(sizes), len(panels),  # type: ignore[attr-defined]
-                             figsize=(4.2 * len(panels) + 1, 3.4 * len(sizes) + 0.8),
+    fig, axes = plt.subplots(len(lines), len(panels),  # type: ignore[attr-defined]
+                             figsize=(4.2 * len(panels) + 1, 3.4 * len(lines) + 0.8),
                              squeeze=False)
     names = sorted({(r.server, r.reactor) for r in rows},
                    key=lambda sr: (sr[0] != "echoplug", sr[0], sr[1]))
@@ -115,7 +121,7 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str]
              "tab:pink", "tab:olive", "tab:cyan"]
     for reactor in sorted({r.reactor for r in rows}):
         colors[reactor] = cycle[len(colors) % len(cycle)]
-    for i, size in enumerate(sizes):
+    for i, (size, column) in enumerate(lines):
         for j, value in enumerate(panels):
             ax = axes[i][j]
             here = [r for r in rows if r.size == size and getattr(r, panel) == value]
@@ -129,22 +135,25 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: Sequence[str]
                 if not ok:
                     continue
                 style = {"color": colors[reactor], **lineStyle(server)}
-                for k, column in enumerate(y):
-                    ax.plot([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
-                            label=label(server, reactor) if k == 0 else None,
-                            alpha=1.0 if k == 0 else 0.45, **style)
+                ax.plot([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
+                        label=label(server, reactor), **style)
             if cappedSelect and x == "idle":
-                ax.axvline(SELECT_LIMIT, color="tab:red", linestyle=":", linewidth=1)
-                ax.annotate(f"select capped\n(FD_SETSIZE {FD_SETSIZE})",
-                            xy=(SELECT_LIMIT, 0.97), xycoords=("data", "axes fraction"),
+                # Past this many idle connections select is capped.
+                wall = SELECT_LIMIT - value if panel == "connections" else SELECT_LIMIT
+                ax.axvline(wall, color="tab:red", linestyle=":", linewidth=1)
+                ax.annotate(f"select capped past here\n(FD_SETSIZE {FD_SETSIZE})",
+                            xy=(wall, 0.97), xycoords=("data", "axes fraction"),
                             xytext=(-4, 0), textcoords="offset points", ha="right",
                             va="top", fontsize=7, color="tab:red")
             if logx:
                 ax.set_xscale("log")
-            ax.set_ylim(bottom=0)
+            if logy:
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(bottom=0)
             ax.set_title(f"{size} B, {panel} = {value}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_ylabel(y[column], fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
     handles, labels = [], []

@@ -19,10 +19,11 @@ What keeps a figure honest here:
     (so the server has accepted and registered it), then held open and
     silent for the whole point;
   - a server that cannot run a point is reported and skipped, never fatal:
-    C{select} with about 1000 descriptors or more is "capped" (Python's
-    C{select()} refuses descriptors at or above FD_SETSIZE, 1024, and
-    Twisted's select reactor then silently drops connections), and any
-    other failure is an "error: ..." row.
+    C{select} with more than 960 connections is "capped" (Python's
+    C{select()} refuses descriptors at or above FD_SETSIZE, 1024, Twisted's
+    select reactor then silently drops connections, and echoplug refuses
+    connections past 960 under select), and any other failure is an
+    "error: ..." row.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from echoplug.lab import servers
 from echoplug.lab.servers import Server, ServerError
 
 FD_SETSIZE = 1024
-# idle + active connections at which select is capped: FD_SETSIZE less the
-# descriptors a twistd process holds itself (stdio, the listening socket,
-# the reactor's waker pipe, the log, a few spare).
-SELECT_LIMIT = 1000
+# Connections (idle + active) past which select is capped: FD_SETSIZE less
+# 64 descriptors for the process itself (stdio, listening port, log, the
+# reactor's waker), which is also where echoplug caps itself under -r select.
+SELECT_LIMIT = 960
 IDLE_BATCH = 50  # below twistd's listen backlog of 50
 
 
@@ -144,7 +145,7 @@ def percentile(sorted_: Sequence[int], q: float) -> float:
     """The nearest-rank percentile C{q} (0 to 100) of sorted samples."""
     if not sorted_:
         return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_)))
+    rank = max(1, math.ceil(q * len(sorted_) / 100 - 1e-9))  # 99.9% of 1000 is 999
     return float(sorted_[min(rank, len(sorted_)) - 1])
 
 
@@ -166,10 +167,11 @@ def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
 def isCapped(target: Target, point: Point) -> bool:
     """Would this server need select() past FD_SETSIZE at this point?"""
     return (target.reactor == "select" and target.kind != "asyncio"
-            and point.idle + point.connections >= SELECT_LIMIT)
+            and point.idle + point.connections > SELECT_LIMIT)
 
 
-CAPPED = f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE})"
+CAPPED = (f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE}); "
+          f"at most {SELECT_LIMIT} connections")
 
 
 def raiseFileLimit() -> int:
@@ -394,7 +396,11 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
         running: dict[Target, Server] = {}
         spawned = []
         for t in runnable:
-            s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+            try:
+                s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+            except OSError as e:
+                failures[t] = f"cannot start {t.name}: {e.strerror or e}"
+                continue
             stack.callback(s.stop)
             spawned.append((t, s))
         for t, s in spawned:
@@ -430,6 +436,8 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                         samples[t].append(measure(running[t], point, settings))
                     except (MeasureError, ServerError) as e:
                         failures[t] = str(e)
+                    except Exception as e:  # one point's surprise must not end the sweep
+                        failures[t] = f"{type(e).__name__}: {e}"
                 onRun()
     rows = []
     for t in targets:

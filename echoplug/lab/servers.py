@@ -114,7 +114,8 @@ class Server:
             lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines()]
         except OSError:
             return ""
-        lines = [line for line in lines if line]
+        # twistd ends a bad -r with a hint; the reason is the line before it.
+        lines = [line for line in lines if line and not line.startswith("See the list of")]
         return lines[-1] if lines else ""
 
     def stop(self, timeout: float = 10.0) -> None:

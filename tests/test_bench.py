@@ -1,0 +1,113 @@
+"""
+C{echoplug-bench} end to end: one-line errors for bad options, and tiny real
+sweeps (one reactor, one point, half a second) that write the CSV, the
+markdown, the plots and a progress bar; a capped point and the peers.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from echoplug import bench
+from echoplug.lab.runner import CAPPED, Target
+from tests.support import testEnv
+
+
+def runBench(*args: str, cwd, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "echoplug.bench", *args], cwd=cwd,
+                          capture_output=True, text=True, env=testEnv(), timeout=timeout)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def readCsv(path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["--reactors", "nosuch"], "no such reactor: 'nosuch'"),
+    (["--client-reactor", "nosuch"], "no such reactor: 'nosuch'"),
+    (["--idle", "a,b"], "--idle: 'a,b'"),
+    (["--connections", "0"], "--connections: '0'"),
+    (["--duration", "0"], "--duration: '0' is not a positive number"),
+    (["--repeat", "-1"], "--repeat"),
+    (["--peer", "nginx"], "invalid choice: 'nginx'"),
+    (["--workload", "flood"], "invalid choice: 'flood'"),
+    (["--server-args", "'unclosed"], "--server-args: No closing quotation"),
+    (["--no-echoplug"], "nothing to measure"),
+])
+def test_bad_options_are_one_line(args, why, tmp_path) -> None:
+    done = runBench(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("echoplug-bench: ")
+    assert why in lines[0]
+
+
+def test_tiny_sweep(tmp_path) -> None:
+    done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
+                    "--duration", "0.5", "--warmup", "0.2", "--repeat", "1",
+                    "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    [row] = readCsv(out / "results.csv")
+    assert (row["server"], row["reactor"], row["connections"], row["idle"], row["size"]) == (
+        "echoplug", "epoll", "2", "0", "64")
+    assert row["status"] == "ok", row
+    for column in ("msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us"):
+        assert float(row[column]) > 0
+    assert float(row["p50_us"]) <= float(row["p99_us"]) <= float(row["p999_us"])
+    assert "| echoplug | epoll | 2 | 0 |" in (out / "results.md").read_text()
+    assert "| echoplug | epoll | 2 | 0 |" in done.stdout
+    for png in ("cpu_vs_idle.png", "latency_vs_connections.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "1/1 points, 1/1 runs" in done.stderr  # the progress bar
+    assert list((out / "logs").iterdir())  # the server's output, kept
+
+
+def test_capped_point_never_crashes(tmp_path) -> None:
+    done = runBench("--reactors", "select", "--connections", "1", "--idle", "1000",
+                    "--size", "64", "--repeat", "1", "--no-plots", "--out", "out",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [row] = readCsv(tmp_path / "out" / "results.csv")
+    assert row["status"] == CAPPED
+    assert "capped" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_peers_and_churn_side_by_side(tmp_path) -> None:
+    done = runBench("--workload", "churn", "--reactors", "poll", "--peer", "wire-echo",
+                    "--peer", "asyncio", "--connections", "2", "--clients", "2",
+                    "--duration", "0.5", "--warmup", "0.1", "--repeat", "1", "--no-plots",
+                    "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = readCsv(tmp_path / "out" / "results.csv")
+    assert [(r["server"], r["reactor"]) for r in rows] == [
+        ("echoplug", "poll"), ("wire-echo", "poll"), ("asyncio", "stdlib")]
+    assert all(r["status"] == "ok" and r["workload"] == "churn" for r in rows), rows
+    assert "CPU µs/conn" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_targets_put_echoplug_beside_its_peers() -> None:
+    options = bench.parseArgs(["--reactors", "select,epoll", "--peer", "asyncio",
+                               "--peer", "wire-echo"])
+    assert bench.targets(options) == [
+        Target("echoplug", "select"), Target("wire-echo", "select"),
+        Target("echoplug", "epoll"), Target("wire-echo", "epoll"),
+        Target("asyncio", "stdlib")]
+
+
+def test_defaults_follow_the_workload() -> None:
+    load = bench.parseArgs([])
+    assert (load.connections, load.idle, load.size) == ([1, 10, 100], [0, 100, 1000],
+                                                        [64, 1024, 16384])
+    assert load.server_args == ["--log-level", "warn"]
+    churn = bench.parseArgs(["--workload", "churn", "--server-args", ""])
+    assert (churn.connections, churn.idle, churn.size, churn.clients) == ([4], [0], [64], 4)
+    assert churn.server_args == []

@@ -1,0 +1,87 @@
+"""
+The lab's servers: each kind starts as its own process under the reactor
+asked for, echoes, shows its CPU time, and a server that cannot start is
+one line.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from echoplug.lab import servers
+from echoplug.lab.servers import ServerError
+from tests.support import echoHalfClose
+
+
+def echoOnce(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        got = bytearray()
+        while len(got) < len(data) and (chunk := s.recv(65536)):
+            got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize(("kind", "reactor"), [
+    ("echoplug", "poll"),
+    ("wire-echo", "select"),
+    ("asyncio", "stdlib"),
+])
+def test_each_kind_starts_echoes_and_bills_cpu(kind, reactor, tmp_path) -> None:
+    server = servers.start(kind, reactor, tmp_path)
+    try:
+        before = server.cpuSeconds()
+        payload = bytes(range(256)) * 40
+        assert echoOnce(server.port, payload) == payload
+        assert server.cpuSeconds() >= before > 0
+        assert server.alive()
+    finally:
+        server.stop()
+    assert not server.alive()
+
+
+def test_the_reactor_is_passed_to_twistd(tmp_path) -> None:
+    server = servers.start("echoplug", "select", tmp_path, ["--log-level", "info"])
+    try:
+        echoOnce(server.port, b"x")
+    finally:
+        server.stop()
+    assert "reactor=select (SelectReactor)" in server.log.read_text()
+
+
+def test_wire_echo_is_the_stock_protocol(tmp_path) -> None:
+    """Stock wire.Echo drops the tail after a half-close; echoplug does not."""
+    chunks = [b"y" * (1 << 20)] * 8
+    got = {}
+    for kind in ("wire-echo", "echoplug"):
+        server = servers.start(kind, "epoll", tmp_path)
+        try:
+            got[kind] = len(echoHalfClose(server.port, chunks))
+        finally:
+            server.stop()
+    assert got["echoplug"] == 8 << 20
+    assert got["wire-echo"] < 8 << 20
+
+
+@pytest.mark.parametrize(("kind", "reactor", "args", "why"), [
+    ("echoplug", "kqueue", [], "reactor cannot be used"),
+    ("wire-echo", "nosuch", [], "reactor"),
+    ("echoplug", "epoll", ["--log-level", "nope"], "--log-level 'nope'"),
+])
+def test_a_server_that_cannot_start_is_one_line(kind, reactor, args, why, tmp_path) -> None:
+    with pytest.raises(ServerError) as e:
+        servers.start(kind, reactor, tmp_path, args)
+    assert why in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cpu_of_a_missing_process() -> None:
+    with pytest.raises(ServerError, match="cannot read the CPU time"):
+        servers.cpuSeconds(2**22 + 1)
+
+
+def test_labels() -> None:
+    assert servers.label("echoplug", "epoll") == "echoplug/epoll"
+    assert servers.label("asyncio", "stdlib") == "asyncio (stdlib)"
