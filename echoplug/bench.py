@@ -129,6 +129,9 @@ def parser() -> Parser:
                    help="directory for results.csv, results.md, the plots and server logs "
                    "[bench-out]")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--replot", action="store_true",
+                   help="measure nothing: redraw results.md and the plots from --out's "
+                   "results.csv")
     return p
 
 
@@ -170,9 +173,39 @@ def points(options: argparse.Namespace) -> list[Point]:
             for s in options.size for c in options.connections for i in options.idle]
 
 
+def replot(out: Path) -> int:
+    """Redraw the table and the plots of an earlier sweep."""
+    try:
+        rows = report.readCsv(out / "results.csv")
+    except (OSError, KeyError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not a results.csv ({e})"
+        print(f"echoplug-bench: cannot read {out / 'results.csv'}: {why}", file=sys.stderr)
+        return 2
+    commandFile = out / "command.txt"
+    command = commandFile.read_text().strip() if commandFile.exists() else None
+    text = report.markdown(rows, command=command)
+    (out / "results.md").write_text(text)
+    writePlots(rows, out)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def writePlots(rows: list[runner.Row], out: Path) -> None:
+    try:
+        made = report.plot(rows, out)
+    except ImportError:
+        print("echoplug-bench: matplotlib is not installed (pip install "
+              "'echoplug[bench]'), so no plots", file=sys.stderr)
+    else:
+        for path in made:
+            print(f"echoplug-bench: wrote {path}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parseArgs(argv)
     out: Path = options.out
+    if options.replot:
+        return replot(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -188,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                perRun=options.warmup + options.duration + 0.8)
     command = "echoplug-bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    (out / "command.txt").write_text(command + "\n")
     rows: list[runner.Row] = []
 
     def save(newRows: list[runner.Row]) -> None:
@@ -205,14 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     if not options.no_plots and rows:
-        try:
-            made = report.plot(rows, out)
-        except ImportError:
-            print("echoplug-bench: matplotlib is not installed (pip install "
-                  "'echoplug[bench]'), so no plots", file=sys.stderr)
-        else:
-            for path in made:
-                print(f"echoplug-bench: wrote {path}", file=sys.stderr)
+        writePlots(rows, out)
     failed = [r for r in rows if r.status.startswith("error")]
     for r in failed:
         print(f"echoplug-bench: {r.server}/{r.reactor} at {r.connections} active, "

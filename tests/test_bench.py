@@ -40,6 +40,7 @@ def readCsv(path) -> list[dict[str, str]]:
     (["--workload", "flood"], "invalid choice: 'flood'"),
     (["--server-args", "'unclosed"], "--server-args: No closing quotation"),
     (["--no-echoplug"], "nothing to measure"),
+    (["--replot", "--out", "nowhere"], "cannot read nowhere/results.csv"),
 ])
 def test_bad_options_are_one_line(args, why, tmp_path) -> None:
     done = runBench(*args, cwd=tmp_path)
@@ -69,6 +70,12 @@ def test_tiny_sweep(tmp_path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "1/1 points, 1/1 runs" in done.stderr  # the progress bar
     assert list((out / "logs").iterdir())  # the server's output, kept
+    for png in out.glob("*.png"):
+        png.unlink()
+    again = runBench("--replot", "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (out / "cpu_vs_idle.png").exists()
+    assert "echoplug-bench --reactors epoll" in (out / "results.md").read_text()
 
 
 def test_capped_point_never_crashes(tmp_path) -> None:

@@ -44,6 +44,16 @@ def test_csv_has_the_columns_and_blank_for_capped(tmp_path) -> None:
     assert float(read[1]["cpu_us_per_msg"]) == 20 + 0.05 * 500
 
 
+def test_csv_reads_back(tmp_path) -> None:
+    path = tmp_path / "results.csv"
+    report.writeCsv(rows(), path)
+    back = report.readCsv(path)
+    assert [r.status for r in back] == [r.status for r in rows()]
+    assert [round(r.cpu_us_per_msg, 3) for r in back if r.ok] == [
+        round(r.cpu_us_per_msg, 3) for r in rows() if r.ok]
+    assert report.markdown(back) == report.markdown(rows())
+
+
 def test_markdown_one_table_per_size() -> None:
     extra = Row("echoplug", "epoll", "load", 1, 0, 1024, 1.0, 2.0, 3.0, 4.0, 5.0, 1)
     text = report.markdown([*rows(), extra], command="echoplug-bench --x")

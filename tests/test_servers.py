@@ -12,7 +12,6 @@ import pytest
 
 from echoplug.lab import servers
 from echoplug.lab.servers import ServerError
-from tests.support import echoHalfClose
 
 
 def echoOnce(port: int, data: bytes) -> bytes:
@@ -51,18 +50,15 @@ def test_the_reactor_is_passed_to_twistd(tmp_path) -> None:
     assert "reactor=select (SelectReactor)" in server.log.read_text()
 
 
-def test_wire_echo_is_the_stock_protocol(tmp_path) -> None:
-    """Stock wire.Echo drops the tail after a half-close; echoplug does not."""
-    chunks = [b"y" * (1 << 20)] * 8
-    got = {}
-    for kind in ("wire-echo", "echoplug"):
-        server = servers.start(kind, "epoll", tmp_path)
-        try:
-            got[kind] = len(echoHalfClose(server.port, chunks))
-        finally:
-            server.stop()
-    assert got["echoplug"] == 8 << 20
-    assert got["wire-echo"] < 8 << 20
+def test_wire_echo_is_the_stock_protocol(monkeypatch) -> None:
+    """The peer is twisted.protocols.wire.Echo itself, not a copy."""
+    import runpy
+
+    from twisted.protocols.wire import Echo
+
+    monkeypatch.setenv("ECHOPLUG_LAB_PORT", "0")
+    tac = runpy.run_path(str(servers.Path(servers.__file__).with_name("wireecho.py")))
+    assert tac["factory"].protocol is Echo
 
 
 @pytest.mark.parametrize(("kind", "reactor", "args", "why"), [

@@ -27,6 +27,26 @@ def writeCsv(rows: Sequence[Row], path: Path) -> None:
             writer.writerow({k: fmt(v, digits=3) for k, v in row.asDict().items()})
 
 
+def readCsv(path: Path) -> list[Row]:
+    """The rows of a C{results.csv} written by L{writeCsv}."""
+    ints = {"connections", "idle", "size", "runs"}
+    texts = {"server", "reactor", "workload", "status"}
+    rows = []
+    with path.open(newline="") as f:
+        for record in csv.DictReader(f):
+            values: dict[str, object] = {}
+            for column in COLUMNS:
+                text = record[column]
+                if column in ints:
+                    values[column] = int(text)
+                elif column in texts:
+                    values[column] = text
+                else:
+                    values[column] = float(text) if text else math.nan
+            rows.append(Row(**values))  # type: ignore[arg-type]
+    return rows
+
+
 def fmt(value: object, digits: int = 1) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.{digits}f}"
