@@ -20,10 +20,10 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from echoplug.logs import LEVELS, formatAddress
+from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Echo, TracingEcho
 
 
@@ -72,6 +72,11 @@ class EchoFactory(ServerFactory):
         # Decided once, so the per-connection path tests a bool, not a level.
         self.logOpen = level <= LEVELS["debug"]
         self.logClose = level <= LEVELS["info"]
+        # The access log: one line per connection, built cheaply (LogLine).
+        self.openLine = LogLine(self.log, LogLevel.debug, "open {peer}")
+        self.closeLine = LogLine(
+            self.log, LogLevel.info,
+            "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}")
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
@@ -149,7 +154,7 @@ class EchoFactory(ServerFactory):
         if proto.peerHost is not None:
             self.perPeer[proto.peerHost] = self.perPeer.get(proto.peerHost, 0) + 1
         if self.logOpen:
-            self.log.debug("open {peer}", peer=self.peerOf(proto.transport))
+            self.openLine(peer=self.peerOf(proto.transport))
 
     def connectionLost(self, proto: Echo, reason: Failure) -> None:
         if not proto.counted:
@@ -166,8 +171,7 @@ class EchoFactory(ServerFactory):
             for d in waiters:
                 self.clock.callLater(0, d.callback, None)
         if self.logClose:
-            self.log.info(
-                "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
+            self.closeLine(
                 peer=self.peerOf(proto.transport),
                 duration=time.monotonic() - proto.started,
                 bytes=proto.bytesIn,

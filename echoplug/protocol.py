@@ -12,6 +12,7 @@ C{readConnectionLost}. Limits, timeouts and counters live in the factory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -19,6 +20,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from echoplug.eager import eagerWriter, loseConnection
 
 if TYPE_CHECKING:
     from echoplug.factory import EchoFactory
@@ -33,12 +36,15 @@ class Echo(Protocol):
     @ivar started: C{time.monotonic()} when the connection was made.
     @ivar closeReason: why echoplug closed the connection itself, if it did;
         the access-log line shows it instead of the transport's reason.
+    @ivar send: how echoes are written: an eager C{socket.send} on a plain
+        TCP transport, else C{transport.write} (see L{echoplug.eager}).
     """
 
     factory: EchoFactory
     bytesIn = 0
     started = 0.0
     closeReason: str | None = None
+    send: Callable[[bytes], None]
     # Book-keeping for the factory's limits, as class defaults so that a
     # connection costs no more unless a limit is on.
     peerHost: str | None = None  # the key in factory.perPeer, under a per-peer cap
@@ -51,19 +57,20 @@ class Echo(Protocol):
         # fills, it pauses itself and so stops reading, so a client that
         # writes and never reads cannot grow the server (as in portforward.py).
         self.transport.registerProducer(self.transport, True)
+        self.send = eagerWriter(self.transport)
         self.started = time.monotonic()
         self.factory.connectionMade(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
-        self.transport.write(data)
+        self.send(data)
 
     def readConnectionLost(self) -> None:
         # The peer sent EOF (shutdown(SHUT_WR)). Unregister the producer first:
         # loseConnection() waits for a registered producer, and only then
-        # flushes what is buffered and closes.
+        # flushes what is buffered and closes (at once if nothing is: eager.py).
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        loseConnection(self.transport)
 
     def writeConnectionLost(self) -> None:
         # The peer will read no more; nothing we send can arrive.

@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REACTORS = ["select", "poll", "epoll", "asyncio"]
+# Twisted's reactors and echoplug's lean ones (echoplug.reactors): every
+# per-reactor test runs on each.
+REACTORS = ["select", "poll", "epoll", "asyncio", "echoplug-select", "echoplug-poll",
+            "echoplug-epoll"]
 LISTENING = re.compile(r"listening on (?P<host>[^\s,]+):(?P<port>\d+), reactor=(?P<reactor>\S+)")
 
 

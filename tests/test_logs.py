@@ -8,10 +8,19 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.logger import Logger
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    eventAsJSON,
+    eventFromJSON,
+    formatEvent,
+    textFileLogObserver,
+)
 
-from echoplug.logs import formatAddress, makeObserver
+from echoplug.logs import JSONLinesObserver, LogLine, formatAddress, makeObserver
 from tests.support import connect, recvAll, twistd
 
 
@@ -98,3 +107,62 @@ def test_trace_logs_like_the_original(tmp_path) -> None:
         server.waitFor(r"received b'ping' from 127\.0\.0\.1:\d+")
         server.waitFor(r"sending b'ping' to 127\.0\.0\.1:\d+")
         server.waitFor(r"closing 127\.0\.0\.1:\d+ after reading no data")
+
+
+class Source:
+    log = Logger()
+
+
+LINES = [
+    ("close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
+     {"peer": "[::1]:5", "duration": 0.0123456, "bytes": 10**12, "why": "idle timeout"}),
+    ("open {peer}", {"peer": "/run/echo.sock"}),
+    ("{a!r} {a!s} {a} {a:>6} {b:08.2f} {{literal}}", {"a": "x'y", "b": -1.5}),
+    ("no fields at all", {}),
+]
+
+
+def both(format: str, fields: dict[str, object]) -> tuple[dict, dict]:
+    """The event of Logger.info and that of LogLine, for the same line."""
+    events: list[dict] = []
+    publisher = LogPublisher(events.append)
+    logger = Logger(namespace="echoplug.t", source=Source(), observer=publisher)
+    logger.info(format, **fields)
+    LogLine(logger, LogLevel.info, format)(**fields)
+    return events[0], events[1]
+
+
+@pytest.mark.parametrize(("format", "fields"), LINES)
+def test_log_line_event_is_logger_info_event(format: str, fields: dict[str, object]) -> None:
+    """Every observer sees the same text and the same keys as with Logger.info."""
+    stock, fast = both(format, fields)
+    assert set(fast) - set(stock) == {"log_flattened"}
+    for key in stock:
+        if key != "log_time":
+            assert fast[key] == stock[key], key
+    assert formatEvent(fast) == formatEvent(stock)
+    fast["log_time"] = stock["log_time"]
+    for observer in (textFileLogObserver, JSONLinesObserver):
+        outs = [io.StringIO(), io.StringIO()]
+        observer(outs[0])(stock)
+        observer(outs[1])(fast)
+        assert outs[0].getvalue() == outs[1].getvalue()
+    # Twisted's JSON round trip (jsonFileLogObserver) keeps the text too.
+    assert formatEvent(eventFromJSON(eventAsJSON(fast))) == formatEvent(stock)
+
+
+def test_pinned_twisted_formats_from_log_flattened() -> None:
+    """
+    The saving rests on formatEvent using log_flattened when present, with
+    Twisted's key names: prove it reads the pre-rendered text, not the fields.
+    """
+    _, fast = both(*LINES[0])
+    fast["peer"] = "someone else"
+    assert formatEvent(fast).startswith("close [::1]:5 after 0.012s, 1000000000000 bytes")
+
+
+def test_log_line_rejects_what_it_cannot_prerender() -> None:
+    with pytest.raises(ValueError):
+        LogLine(Logger(), LogLevel.info, "{peer.host}")
+    with pytest.raises(ValueError):
+        LogLine(Logger(), LogLevel.info, "{call()}")

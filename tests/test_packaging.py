@@ -36,6 +36,8 @@ def test_wheel_contents(tmp_path) -> None:
     (wheel,) = tmp_path.glob("echoplug-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/echoplug_plugin.py" in names
+    assert "twisted/plugins/echoplug_reactors.py" in names
+    assert "echoplug/reactors/epoll.py" in names
     assert "echoplug/tap.py" in names
     assert not {n for n in names if n.endswith("dropin.cache")}
     assert "twisted/__init__.py" not in names
@@ -56,6 +58,11 @@ def test_no_package_init_in_twisted_namespace() -> None:
     dropin = (ROOT / "twisted" / "plugins" / "echoplug_plugin.py").read_text()
     imports = [line for line in dropin.splitlines() if line.startswith(("import", "from"))]
     assert imports == ["from twisted.application.service import ServiceMaker"]
+    # The reactor dropin is read before any reactor is installed: it may
+    # import nothing that touches one.
+    dropin = (ROOT / "twisted" / "plugins" / "echoplug_reactors.py").read_text()
+    imports = [line for line in dropin.splitlines() if line.startswith(("import", "from"))]
+    assert imports == ["from twisted.application.reactors import Reactor"]
 
 
 def test_gitignore_keeps_dropin_cache_out() -> None:

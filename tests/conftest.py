@@ -1,0 +1,38 @@
+"""
+Choose the reactor of the in-process (pytest-twisted) tests:
+C{ECHOPLUG_TEST_REACTOR=NAME pytest} installs the reactor C{twistd -r NAME}
+would (select, poll, epoll, asyncio, echoplug-epoll, ...). Unset, it is
+pytest-twisted's default (epoll on Linux). The tests that start twistd choose
+their reactors themselves (tests.support.REACTORS).
+
+pytest-twisted installs its reactor in C{pytest_configure}, after this file is
+imported, and only knows three names; so the "default" installer is replaced
+here, as its documentation suggests for other reactors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+
+TEST_REACTOR = os.environ.get("ECHOPLUG_TEST_REACTOR", "")
+
+
+def installNamedReactor() -> None:
+    from twisted.application.reactors import NoSuchReactor, installReactor
+
+    def install() -> None:
+        try:
+            installReactor(TEST_REACTOR)
+        except NoSuchReactor:
+            raise pytest.UsageError(
+                f"ECHOPLUG_TEST_REACTOR={TEST_REACTOR!r}: no such reactor") from None
+
+    # object: whatever reactor that name installs is the expected one.
+    pytest_twisted._install_reactor(reactor_installer=install, reactor_type=object)
+
+
+if TEST_REACTOR:
+    pytest_twisted.reactor_installers["default"] = installNamedReactor
