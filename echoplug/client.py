@@ -25,7 +25,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IAddress, IConnector
+from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
@@ -102,11 +102,6 @@ class EchoClientFactory(ClientFactory):
     def __init__(self, where: str) -> None:
         self.where = where
         self.connected: defer.Deferred[EchoClient] = defer.Deferred()
-
-    def buildProtocol(self, addr: IAddress) -> EchoClient:
-        p = self.protocol()
-        p.factory = self
-        return p
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         why = reason.getErrorMessage().rstrip(".")

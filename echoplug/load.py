@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -222,11 +221,6 @@ class LoadFactory(ClientFactory):
         self.closing = False
         self.ready: defer.Deferred[None] = defer.Deferred()
 
-    def buildProtocol(self, addr: IAddress) -> LoadProtocol:
-        p = self.protocol()
-        p.factory = self
-        return p
-
     def start(self) -> None:
         self.connectOne()
 
@@ -291,11 +285,6 @@ class ChurnFactory(ClientFactory):
         self.run = run
         self.payload = payload
         self.startedAt = 0
-
-    def buildProtocol(self, addr: IAddress) -> ChurnProtocol:
-        p = self.protocol()
-        p.factory = self
-        return p
 
     def start(self) -> None:
         run = self.run

@@ -232,21 +232,35 @@ def recvAll(sock: socket.socket, limit: int | None = None) -> bytes:
     return bytes(chunks)
 
 
+def served(sock: socket.socket) -> bool:
+    """True if the server echoes on C{sock}; False if it closed it unserved."""
+    try:
+        sock.sendall(b"ping")
+        return sock.recv(4) == b"ping"
+    except OSError:
+        return False
+
+
 def echoHalfClose(port: int, chunks: Sequence[bytes], timeout: float = 30.0) -> bytes:
     """
     Send C{chunks} one C{send} each, then C{shutdown(SHUT_WR)}, reading at the
     same time from another thread; return all that came back before EOF.
     """
     with connect(port, timeout=timeout) as s:
-        received: list[bytes] = []
-        reader = threading.Thread(target=lambda: received.append(recvAll(s)), daemon=True)
-        reader.start()
-        for chunk in chunks:
-            s.sendall(chunk)
-        s.shutdown(socket.SHUT_WR)
-        reader.join(timeout)
-        assert not reader.is_alive(), "no EOF from the server"
-        return received[0]
+        return halfCloseOn(s, chunks, timeout)
+
+
+def halfCloseOn(s: socket.socket, chunks: Sequence[bytes], timeout: float = 30.0) -> bytes:
+    """L{echoHalfClose} on a socket already connected (TCP or UNIX)."""
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(recvAll(s)), daemon=True)
+    reader.start()
+    for chunk in chunks:
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    reader.join(timeout)
+    assert not reader.is_alive(), "no EOF from the server"
+    return received[0]
 
 
 def pushWithoutReading(port: int, total: int, measure: Callable[[], int],

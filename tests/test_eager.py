@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from echoplug.eager import PLAIN, eagerWriter, loseConnection
-from tests.support import REACTORS, recvAll, twistd
+from tests.support import REACTORS, halfCloseOn, recvAll, twistd
 
 
 class Held(protocol.Protocol):
@@ -326,20 +326,10 @@ def test_lose_connection_waits_for_pending(pending: str):
 
 
 def unixHalfClose(path: str, chunks: list[bytes]) -> bytes:
-    import threading
-
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(30)
         s.connect(path)
-        received: list[bytes] = []
-        reader = threading.Thread(target=lambda: received.append(recvAll(s)), daemon=True)
-        reader.start()
-        for chunk in chunks:
-            s.sendall(chunk)
-        s.shutdown(socket.SHUT_WR)
-        reader.join(30)
-        assert not reader.is_alive()
-        return received[0]
+        return halfCloseOn(s, chunks)
 
 
 @pytest.mark.parametrize("reactorName", [r for r in REACTORS if r in ("epoll", "echoplug-epoll")])

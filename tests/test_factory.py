@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from echoplug.factory import EchoFactory
 from echoplug.protocol import Echo
-from tests.support import REACTORS, connect, rssBytes, twistd
+from tests.support import REACTORS, connect, rssBytes, served, twistd
 
 
 def peer(host: str = "127.0.0.1", port: int = 5678) -> IPv4Address:
@@ -135,7 +135,7 @@ def test_idle_sweep_aborts_a_connection_stuck_with_unsent_bytes() -> None:
 def test_descriptor_at_the_select_wall_is_refused() -> None:
     factory = EchoFactory(clock=Clock())
     factory.fdWall = 1024
-    for fd, served in ((1023, True), (1024, False)):
+    for fd, kept in ((1023, True), (1024, False)):
         proto = factory.buildProtocol(peer())
         assert proto is not None
         transport = StringTransport(peerAddress=peer())
@@ -143,8 +143,8 @@ def test_descriptor_at_the_select_wall_is_refused() -> None:
         aborted = []
         transport.abortConnection = lambda aborted=aborted: aborted.append(True)
         proto.makeConnection(transport)
-        assert (proto in factory.connections) is served
-        assert bool(aborted) is not served
+        assert (proto in factory.connections) is kept
+        assert bool(aborted) is not kept
         lose(proto)
     assert (factory.accepted, factory.refused) == (1, 1)
 
@@ -164,14 +164,6 @@ def test_when_empty() -> None:
 
 # Through twistd, on real sockets.
 
-
-def served(sock: socket.socket) -> bool:
-    """True if the server echoes on C{sock}; False if it closed it unserved."""
-    try:
-        sock.sendall(b"ping")
-        return sock.recv(4) == b"ping"
-    except OSError:
-        return False
 
 
 def clientFrom(host: str, port: int) -> socket.socket:

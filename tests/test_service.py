@@ -34,6 +34,7 @@ from tests.support import (
     Server,
     connect,
     recvAll,
+    served,
     startProcess,
     twistd,
     twistdCommand,
@@ -113,14 +114,6 @@ def test_multiple_ports_from_twistd(tmp_path, flag: str) -> None:
 
 # Hardening, through real twistd processes.
 
-
-def served(sock: socket.socket) -> bool:
-    """True if the server echoes on C{sock}; False if it closed it unserved."""
-    try:
-        sock.sendall(b"ping")
-        return sock.recv(4) == b"ping"
-    except OSError:
-        return False
 
 
 def refusesConnections(port: int, timeout: float = 10.0) -> bool:
