@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from echoplug.factory import EchoFactory
-from echoplug.logs import FORMATS, LEVELS, makeObserver
+from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
 
 DEFAULT_PORT = "10000"
@@ -207,10 +208,8 @@ def makeService(config: Options) -> IService:
         maxPerPeer=config["max-connections-per-peer"],
         idleTimeout=config["idle-timeout"],
     )
-    observer = None
-    if config["own-log"]:
-        observer = makeObserver(config["log-format"], config["log-level"])
-    service = EchoService(factory, logObserver=observer, drainTimeout=config["drain-timeout"])
+    service = EchoService(factory, logObserver=logObserver(config),
+                          drainTimeout=config["drain-timeout"])
     for description, endpoint in config["endpoints"]:
         service.listen(description, endpoint)
     if config["metrics"] is not None:
@@ -225,6 +224,24 @@ def makeService(config: Options) -> IService:
     if notifier is not None:
         notifier.setServiceParent(service)
     return service
+
+
+def logObserver(config: Options) -> ILogObserver | None:
+    """
+    What echoplug logs to, or C{None} to leave it to twistd.
+
+    Under twistd, C{config.parent} is twistd's own options: the log goes
+    where twistd would send it (see L{twistdObserver}), through echoplug's
+    cheaper text observer. Without twistd (tests, a .tac), only
+    C{--log-level} and C{--log-format} install an observer, on stdout.
+    """
+    twistdOptions = getattr(config, "parent", None)
+    if twistdOptions is not None:
+        level = config["log-level"] if config["own-log"] else None
+        return twistdObserver(twistdOptions, config["log-format"], level)
+    if config["own-log"]:
+        return makeObserver(config["log-format"], config["log-level"])
+    return None
 
 
 def notifierFor(service: EchoService) -> IService | None:

@@ -1,27 +1,55 @@
 """
-Tests of L{echoplug.logs}: addresses, level filtering and the JSON format,
-in-process and through a real twistd.
+Tests of L{echoplug.logs}: addresses, level filtering, the JSON format and
+the cheaper text observer (same bytes as twistd's), in-process and through a
+real twistd.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
     Logger,
     LogLevel,
     LogPublisher,
     eventAsJSON,
     eventFromJSON,
     formatEvent,
+    formatTime,
     textFileLogObserver,
 )
+from twisted.python.failure import Failure
 
-from echoplug.logs import JSONLinesObserver, LogLine, formatAddress, makeObserver
-from tests.support import connect, recvAll, twistd
+from echoplug.logs import (
+    TEXT_KEY,
+    CachedTime,
+    ClassicText,
+    JSONLinesObserver,
+    LogLine,
+    formatAddress,
+    makeObserver,
+    textObserver,
+    twistdObserver,
+)
+from tests.support import (
+    connect,
+    freePort,
+    recvAll,
+    startProcess,
+    twistd,
+    twistdCommand,
+    waitForPort,
+)
 
 
 def test_format_address() -> None:
@@ -136,13 +164,14 @@ def both(format: str, fields: dict[str, object]) -> tuple[dict, dict]:
 def test_log_line_event_is_logger_info_event(format: str, fields: dict[str, object]) -> None:
     """Every observer sees the same text and the same keys as with Logger.info."""
     stock, fast = both(format, fields)
-    assert set(fast) - set(stock) == {"log_flattened"}
+    assert set(fast) - set(stock) == {"log_flattened", TEXT_KEY}
     for key in stock:
         if key != "log_time":
             assert fast[key] == stock[key], key
     assert formatEvent(fast) == formatEvent(stock)
+    assert fast[TEXT_KEY] == formatEvent(stock)
     fast["log_time"] = stock["log_time"]
-    for observer in (textFileLogObserver, JSONLinesObserver):
+    for observer in (textFileLogObserver, textObserver, JSONLinesObserver):
         outs = [io.StringIO(), io.StringIO()]
         observer(outs[0])(stock)
         observer(outs[1])(fast)
@@ -166,3 +195,109 @@ def test_log_line_rejects_what_it_cannot_prerender() -> None:
         LogLine(Logger(), LogLevel.info, "{peer.host}")
     with pytest.raises(ValueError):
         LogLine(Logger(), LogLevel.info, "{call()}")
+
+
+# echoplug's text observer: the same bytes as twistd's, cheaper.
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), max_size=20))
+def test_cached_time_is_format_time(whens: list[float]) -> None:
+    cached = CachedTime()
+    for when in [*whens, *sorted(whens)]:
+        assert cached(when) == formatTime(when)
+    assert cached(None) == formatTime(None)
+
+
+def stockLine(event: dict) -> str | None:
+    """What twistd's own text observer writes for C{event}."""
+    out = io.StringIO()
+    textFileLogObserver(out)(event)
+    return out.getvalue() or None
+
+
+@pytest.mark.parametrize(("format", "fields"), [*LINES, ("", {}), ("{x}", {"x": "a\nb"})])
+def test_classic_text_matches_twistd_for_log_lines(format: str, fields: dict) -> None:
+    events: list[dict] = []
+    logger = Logger(namespace="echoplug.t", observer=events.append)
+    line = LogLine(logger, LogLevel.info, format)
+    line(**fields)
+    event = events[0]
+    assert ClassicText()(event) == stockLine(event)
+    # The cheap path is only for what it can render: anything else falls
+    # back to Twisted's formatter, and still matches.
+    for extra in ({"log_system": "Echo,3,127.0.0.1"}, {"log_level": None},
+                  {"log_failure": Failure(ValueError("x"))}):
+        changed = {**event, **extra}
+        assert ClassicText()(changed) == stockLine(changed)
+
+
+def test_classic_text_matches_twistd_for_other_events() -> None:
+    events: list[dict] = []
+    logger = Logger(namespace="t", observer=events.append)
+    logger.info("plain {x!r}", x=b"\x00")
+    logger.warn("with\nnewline")
+    try:
+        raise ZeroDivisionError("x")
+    except ZeroDivisionError:
+        logger.failure("boom")
+    events.append({"log_format": "legacy", "log_system": "-", "log_time": time.time()})
+    events.append({"no": "format"})
+    for event in events:
+        assert ClassicText()(event) == stockLine(event)
+
+
+def test_pinned_twistd_log_observer() -> None:
+    """
+    twistdObserver asks twistd's own UnixAppLogger for its observer and
+    takes the file from it: both names must still exist and mean that.
+    """
+    from twisted.scripts._twistd_unix import UnixApplicationRunner, UnixAppLogger
+
+    assert UnixApplicationRunner.loggerFactory is UnixAppLogger
+    stock = UnixAppLogger({"nodaemon": True, "logfile": ""})._getLogObserver()
+    assert isinstance(stock, FileLogObserver)
+    assert stock._outFile is sys.stdout
+
+
+def test_twistd_observer_follows_twistds_choice(tmp_path: Path) -> None:
+    stdout = twistdObserver({"nodaemon": True, "logfile": ""})
+    assert isinstance(stdout, FileLogObserver) and stdout._outFile is sys.stdout
+    path = tmp_path / "echo.log"
+    observer = twistdObserver({"nodaemon": True, "logfile": str(path)})
+    Logger(namespace="t", observer=observer).info("to the file {n}", n=1)
+    assert path.read_text().endswith("[t#info] to the file 1\n")
+    filtered = twistdObserver({"nodaemon": True, "logfile": str(path)}, "json", "warn")
+    assert isinstance(filtered, FilteringLogObserver)
+    assert twistdObserver({"logger": "some.factory"}) is None
+    assert twistdObserver({"syslog": True, "prefix": "echo"}) is None
+    assert isinstance(twistdObserver({"syslog": True, "prefix": "echo"}, "text", "warn"),
+                      FilteringLogObserver)
+    with pytest.raises(SystemExit, match=r"json.*--syslog"):
+        twistdObserver({"syslog": True}, "json", "info")
+    with pytest.raises(SystemExit, match="Daemons cannot log to stdout"):
+        twistdObserver({"logfile": "-", "nodaemon": False})
+
+
+@pytest.mark.parametrize("options", [[], ["--log-level", "debug"], ["--log-format", "json"]])
+def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str]) -> None:
+    """twistd -l FILE: the access line (and the rest) land in FILE, not stdout."""
+    port = freePort()
+    argv = [*twistdCommand(), "-n", "--pidfile=", "-l", "echo.log", "echoplug",
+            "--port", f"tcp:{port}:interface=127.0.0.1", *options]
+    server = startProcess(argv, tmp_path)
+    try:
+        waitForPort(server, port)
+        with connect(port) as s:
+            s.sendall(b"abc")
+            assert recvAll(s, 3) == b"abc"
+        log = tmp_path / "echo.log"
+        deadline = time.monotonic() + 10
+        while "3 bytes echoed" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "3 bytes echoed" in text
+        assert "listening on 127.0.0.1" in text
+        if "debug" in options:
+            assert "open 127.0.0.1:" in text
+    finally:
+        server.stop()
+    assert "bytes echoed" not in server.output()
