@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from echoplug.lab import report, runner
+from echoplug.lab import cbuild, report, runner
 from echoplug.lab.runner import Point, Settings, Target
 
 PEERS = ("wire-echo", "asyncio")
@@ -123,8 +123,12 @@ def parser() -> Parser:
                    "'' for echoplug's defaults (an access-log line per connection)")
     p.add_argument("--clients", type=count, default=None,
                    help="load-client processes sharing the connections [1; churn: 4]")
+    p.add_argument("--load", choices=["c", "twisted"], default=None,
+                   help="the load client: c (a small epoll client in C, built with cc on "
+                   "first use; fast enough to keep the server busy) or twisted "
+                   "(echoplug.load, in Python) [c when a C compiler is found]")
     p.add_argument("--client-reactor", default="epoll",
-                   help="the load client's reactor [epoll]")
+                   help="the twisted load client's reactor [epoll]")
     p.add_argument("--out", type=Path, default=Path("bench-out"),
                    help="directory for results.csv, results.md, the plots and server logs "
                    "[bench-out]")
@@ -153,6 +157,13 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as e:
         p.error(f"--server-args: {e}")
     options.peer = list(dict.fromkeys(options.peer))
+    if options.load is None:
+        options.load = "c" if cbuild.compiler() is not None else "twisted"
+    if options.load == "c" and not options.replot:
+        try:
+            cbuild.build()
+        except cbuild.BuildError as e:
+            p.error(str(e))
     if options.no_echoplug and not options.peer:
         p.error("--no-echoplug leaves nothing to measure: add a --peer")
     return options
@@ -213,14 +224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings(duration=options.duration, warmup=options.warmup,
                         repeat=options.repeat, clients=options.clients,
-                        clientReactor=options.client_reactor,
+                        load=options.load, clientReactor=options.client_reactor,
                         serverArgs=options.server_args, logDir=out / "logs")
     sweepPoints, sweepTargets = points(options), targets(options)
     progress = runner.Progress(len(sweepPoints),
                                runner.plan(sweepPoints, sweepTargets, options.repeat),
                                perRun=options.warmup + options.duration + 0.8)
-    command = "echoplug-bench " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--load" or a.startswith("--load=") for a in args):
+        args += ["--load", options.load]  # the figures depend on it: say which
+    command = "echoplug-bench " + " ".join(shlex.quote(a) for a in args)
     (out / "command.txt").write_text(command + "\n")
     rows: list[runner.Row] = []
 

@@ -51,9 +51,10 @@ def test_bad_options_are_one_line(args, why, tmp_path) -> None:
     assert why in lines[0]
 
 
-def test_tiny_sweep(tmp_path) -> None:
+@pytest.mark.parametrize("load", ["c", "twisted"])
+def test_tiny_sweep(tmp_path, load: str) -> None:
     done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
-                    "--duration", "0.5", "--warmup", "0.2", "--repeat", "1",
+                    "--duration", "0.5", "--warmup", "0.2", "--repeat", "1", "--load", load,
                     "--out", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
@@ -76,6 +77,7 @@ def test_tiny_sweep(tmp_path) -> None:
     assert again.returncode == 0, again.stderr
     assert (out / "cpu_vs_idle.png").exists()
     assert "echoplug-bench --reactors epoll" in (out / "results.md").read_text()
+    assert f"--load {load}" in (out / "results.md").read_text()
 
 
 def test_capped_point_never_crashes(tmp_path) -> None:
@@ -99,6 +101,8 @@ def test_peers_and_churn_side_by_side(tmp_path) -> None:
         ("echoplug", "poll"), ("wire-echo", "poll"), ("asyncio", "stdlib")]
     assert all(r["status"] == "ok" and r["workload"] == "churn" for r in rows), rows
     assert "CPU µs/conn" in (tmp_path / "out" / "results.md").read_text()
+    # The load client was not named: the one chosen is recorded with the figures.
+    assert "--load c" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_targets_put_echoplug_beside_its_peers() -> None:

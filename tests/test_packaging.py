@@ -39,6 +39,7 @@ def test_wheel_contents(tmp_path) -> None:
     assert "twisted/plugins/echoplug_reactors.py" in names
     assert "echoplug/reactors/epoll.py" in names
     assert "echoplug/tap.py" in names
+    assert "echoplug/lab/cload.c" in names  # the lab builds it on first use
     assert not {n for n in names if n.endswith("dropin.cache")}
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names

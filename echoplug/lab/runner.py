@@ -87,7 +87,8 @@ class Settings:
     warmup: float = 0.5
     repeat: int = 3
     clients: int = 1  # load processes
-    clientReactor: str = "epoll"
+    load: str = "twisted"  # the load client: "twisted" (echoplug.load) or "c" (cload.c)
+    clientReactor: str = "epoll"  # the twisted load client's reactor
     serverArgs: Sequence[str] = ("--log-level", "warn")
     logDir: Path = Path("bench-out/logs")
     timeout: float = 30.0  # seconds of slack for each step beyond its planned time
@@ -213,15 +214,23 @@ def closeAll(sockets: Iterable[socket.socket]) -> None:
 
 
 class LoadProcess:
-    """One C{python -m echoplug.load --sync} process and its output lines."""
+    """
+    One load process, C{python -m echoplug.load --sync} or the C client
+    (C{cload --sync}, the same protocol), and its output lines.
+    """
 
     def __init__(self, port: int, workload: str, connections: int, size: int,
                  settings: Settings, seed: int) -> None:
-        argv = [sys.executable, "-m", "echoplug.load", "--sync", "--port", str(port),
-                "--workload", workload, "--connections", str(connections),
-                "--size", str(size), "--duration", repr(settings.duration),
-                "--warmup", repr(settings.warmup), "--reactor", settings.clientReactor,
-                "--seed", str(seed)]
+        if settings.load == "c":
+            from echoplug.lab import cbuild
+
+            argv = [str(cbuild.build())]
+        else:
+            argv = [sys.executable, "-m", "echoplug.load", "--reactor", settings.clientReactor]
+        argv += ["--sync", "--port", str(port),
+                 "--workload", workload, "--connections", str(connections),
+                 "--size", str(size), "--duration", repr(settings.duration),
+                 "--warmup", repr(settings.warmup), "--seed", str(seed)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=servers.childEnv(),
                                      start_new_session=True)
