@@ -11,13 +11,13 @@ import time
 
 import pytest
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from echoplug.factory import EchoFactory
+from echoplug.factory import EchoFactory, describeReason
 from echoplug.protocol import Echo
 from tests.support import REACTORS, connect, rssBytes, served, twistd
 
@@ -244,3 +244,10 @@ def test_idle_timeout_closes_idle_and_paused(tmp_path, reactor: str) -> None:
         assert served(busy)
         assert rssBytes(server.pid) > 0
     assert "Traceback" not in server.output()
+
+
+def test_describe_reason() -> None:
+    assert describeReason(Failure(ConnectionDone())) == "closed"
+    assert describeReason(Failure(ConnectionLost())) == "lost"
+    assert describeReason(Failure(ConnectionAborted())) == "lost"  # a subclass
+    assert describeReason(Failure(OSError("no route"))) == "no route"
