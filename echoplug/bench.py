@@ -15,6 +15,7 @@ point: a point that cannot run is a "capped" or "error: ..." row.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from typing import NoReturn
 
 from echoplug.lab import cbuild, report, runner
 from echoplug.lab.runner import Point, Settings, Target
+from echoplug.lab.servers import STANDALONE
 
-PEERS = ("wire-echo", "asyncio")
+PEERS = ("wire-echo", "asyncio", "uvloop", "c-epoll")
 DEFAULTS = {
     "load": {"connections": "1,10,100", "idle": "0,100,1000", "size": "64,1024,16384",
              "clients": 1},
@@ -115,7 +117,9 @@ def parser() -> Parser:
                    help="runs per server and point, interleaved; the median is reported [3]")
     p.add_argument("--peer", action="append", choices=PEERS, default=[],
                    help="also measure a peer server: wire-echo (stock twisted.protocols.wire."
-                   "Echo under the same reactor) or asyncio (stdlib asyncio); repeatable")
+                   "Echo under the same reactor), asyncio (stdlib asyncio), uvloop (the same "
+                   "on uvloop, if installed) or c-epoll (a plain epoll echo in C, built with "
+                   "cc); repeatable")
     p.add_argument("--no-echoplug", action="store_true",
                    help="measure the peers only")
     p.add_argument("--server-args", default=SERVER_ARGS,
@@ -159,23 +163,28 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     options.peer = list(dict.fromkeys(options.peer))
     if options.load is None:
         options.load = "c" if cbuild.compiler() is not None else "twisted"
-    if options.load == "c" and not options.replot:
-        try:
-            cbuild.build()
-        except cbuild.BuildError as e:
-            p.error(str(e))
+    if not options.replot:
+        # Build the C programs now: a missing compiler is one line, before any run.
+        for name, wanted in (("cload", options.load == "c"),
+                             ("cecho", "c-epoll" in options.peer)):
+            try:
+                if wanted:
+                    cbuild.build(name)
+            except cbuild.BuildError as e:
+                p.error(str(e))
+        if "uvloop" in options.peer and importlib.util.find_spec("uvloop") is None:
+            p.error("--peer uvloop: uvloop is not installed (pip install uvloop)")
     if options.no_echoplug and not options.peer:
         p.error("--no-echoplug leaves nothing to measure: add a --peer")
     return options
 
 
 def targets(options: argparse.Namespace) -> list[Target]:
-    """echoplug and the Twisted peers per reactor; the asyncio peer once."""
+    """echoplug and the Twisted peers per reactor; the standalone peers once."""
     kinds = ([] if options.no_echoplug else ["echoplug"]) + [
-        k for k in options.peer if k != "asyncio"]
+        k for k in options.peer if k not in STANDALONE]
     found = [Target(kind, reactor) for reactor in options.reactors for kind in kinds]
-    if "asyncio" in options.peer:
-        found.append(Target("asyncio", "stdlib"))
+    found += [Target(k, STANDALONE[k]) for k in options.peer if k in STANDALONE]
     return found
 
 

@@ -6,12 +6,19 @@ one line.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from echoplug.lab import servers
+from echoplug.lab import cbuild, servers
 from echoplug.lab.servers import ServerError
+from tests.support import echoHalfClose, pushWithoutReading, rssBytes
+
+HAVE_CC = cbuild.compiler() is not None
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def echoOnce(port: int, data: bytes) -> bytes:
@@ -27,6 +34,9 @@ def echoOnce(port: int, data: bytes) -> bytes:
     ("echoplug", "poll"),
     ("wire-echo", "select"),
     ("asyncio", "stdlib"),
+    pytest.param("c-epoll", "C", marks=pytest.mark.skipif(not HAVE_CC, reason="no cc")),
+    pytest.param("uvloop", "uvloop",
+                 marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop not installed")),
 ])
 def test_each_kind_starts_echoes_and_bills_cpu(kind, reactor, tmp_path) -> None:
     server = servers.start(kind, reactor, tmp_path)
@@ -81,3 +91,45 @@ def test_cpu_of_a_missing_process() -> None:
 def test_labels() -> None:
     assert servers.label("echoplug", "epoll") == "echoplug/epoll"
     assert servers.label("asyncio", "stdlib") == "asyncio (stdlib)"
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no cc")
+def test_c_epoll_peer_is_a_correct_echo(tmp_path) -> None:
+    """
+    The floor is a fair one: it echoes every byte through a half-close, and
+    a client that never reads does not grow it.
+    """
+    server = servers.start("c-epoll", "C", tmp_path)
+    try:
+        chunks = [bytes([i]) * 65536 for i in range(64)]  # 4 MiB
+        assert echoHalfClose(server.port, chunks) == b"".join(chunks)
+        before = rssBytes(server.pid)
+        pushed, during = pushWithoutReading(server.port, 64 * 2**20,
+                                            lambda: rssBytes(server.pid))
+        assert pushed < 64 * 2**20  # it stalled: the server stopped reading
+        assert during - before < 8 * 2**20
+        assert "listening on 127.0.0.1" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_uvloop_missing_is_one_line() -> None:
+    """Without uvloop the peer says so in one line (uvloop made unimportable)."""
+    code = ("import sys; sys.modules['uvloop'] = None; from echoplug.lab.asyncioecho "
+            "import main; sys.exit(main(['--uvloop', '0']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=servers.childEnv(), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "asyncio echo: uvloop is not installed (pip install uvloop)\n"
+
+
+def test_peers_run_once_not_per_reactor() -> None:
+    from echoplug import bench
+    from echoplug.lab.runner import Target
+
+    options = bench.parseArgs(["--reactors", "poll,epoll", "--peer", "c-epoll",
+                               "--peer", "asyncio", "--load", "twisted"])
+    assert bench.targets(options) == [
+        Target("echoplug", "poll"), Target("echoplug", "epoll"),
+        Target("c-epoll", "C"), Target("asyncio", "stdlib")]
+    assert servers.label("c-epoll", "C") == "c-epoll (C)"

@@ -5,7 +5,9 @@ The stdlib asyncio peer: the echo server from the asyncio documentation
 
 It is the "no Twisted" baseline in C{echoplug-bench --peer asyncio}. It runs
 on the stdlib event loop, whatever reactor the sweep is on, and like stock
-C{wire.Echo} it has no flow control.
+C{wire.Echo} it has no flow control. With C{--uvloop} the same protocol runs
+on uvloop's loop (C{--peer uvloop}), if uvloop is installed: it is not a
+dependency of echoplug, only something to measure against.
 """
 
 from __future__ import annotations
@@ -23,22 +25,34 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, name: str = "stdlib") -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(EchoProtocol, "127.0.0.1", port)
     host, bound = server.sockets[0].getsockname()[:2]
-    print(f"listening on {host}:{bound}, reactor=stdlib ({type(loop).__name__})", flush=True)
+    print(f"listening on {host}:{bound}, reactor={name} ({type(loop).__name__})", flush=True)
     async with server:
         await server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    useUvloop = "--uvloop" in args
+    if useUvloop:
+        args.remove("--uvloop")
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m echoplug.lab.asyncioecho PORT", file=sys.stderr)
+        print("usage: python -m echoplug.lab.asyncioecho [--uvloop] PORT", file=sys.stderr)
         return 2
+    loopFactory = None
+    if useUvloop:
+        try:
+            import uvloop
+        except ImportError:
+            print("asyncio echo: uvloop is not installed (pip install uvloop)", file=sys.stderr)
+            return 1
+        loopFactory = uvloop.new_event_loop
     try:
-        asyncio.run(serve(int(args[0])))
+        with asyncio.Runner(loop_factory=loopFactory) as runner:
+            runner.run(serve(int(args[0]), "uvloop" if useUvloop else "stdlib"))
     except OSError as e:
         print(f"asyncio echo: cannot listen on 127.0.0.1:{args[0]}: {e.strerror}",
               file=sys.stderr)

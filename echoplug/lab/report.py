@@ -87,7 +87,9 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
 def lineStyle(server: str) -> dict[str, object]:
     return {"echoplug": {"linestyle": "-", "marker": "o"},
             "wire-echo": {"linestyle": "--", "marker": "s"},
-            "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"}}.get(
+            "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"},
+            "uvloop": {"linestyle": ":", "marker": "v", "color": "olive"},
+            "c-epoll": {"linestyle": ":", "marker": "x", "color": "black"}}.get(
                 server, {"linestyle": "-.", "marker": "d"})
 
 

@@ -167,7 +167,7 @@ def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
 
 def isCapped(target: Target, point: Point) -> bool:
     """Would this server need select() past FD_SETSIZE at this point?"""
-    return (target.reactor == "select" and target.kind != "asyncio"
+    return (target.reactor == "select" and target.kind not in servers.STANDALONE
             and point.idle + point.connections > SELECT_LIMIT)
 
 
@@ -409,6 +409,9 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                 s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
             except OSError as e:
                 failures[t] = f"cannot start {t.name}: {e.strerror or e}"
+                continue
+            except ServerError as e:
+                failures[t] = str(e)
                 continue
             stack.callback(s.stop)
             spawned.append((t, s))

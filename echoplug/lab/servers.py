@@ -7,7 +7,13 @@ The servers under test, each its own process, and their CPU time.
   - C{wire-echo}: stock C{twisted.protocols.wire.Echo} under the same
     C{twistd -r REACTOR} (L{echoplug.lab.wireecho});
   - C{asyncio}: the stdlib asyncio echo (L{echoplug.lab.asyncioecho}), on
-    its own event loop whatever the reactor.
+    its own event loop whatever the reactor;
+  - C{uvloop}: the same asyncio echo on uvloop's event loop (libuv), when
+    uvloop is installed (it is not a dependency of echoplug);
+  - C{c-epoll}: a plain epoll echo server in C (C{cecho.c}), the floor.
+
+The last three are standalone: they run once per point, not per reactor,
+and their "reactor" column says what they run on (L{STANDALONE}).
 
 The reactor name goes to C{twistd -r} as it is, so a reactor that another
 package adds through a Twisted reactor plugin works without changes here.
@@ -35,8 +41,10 @@ from pathlib import Path
 
 import echoplug
 
-KINDS = ("echoplug", "wire-echo", "asyncio")
+KINDS = ("echoplug", "wire-echo", "asyncio", "uvloop", "c-epoll")
 STDLIB = "stdlib"  # the reactor column of the asyncio peer: its own event loop
+#: The peers with an event loop of their own, and their reactor column.
+STANDALONE = {"asyncio": STDLIB, "uvloop": "uvloop", "c-epoll": "C"}
 TICKS = os.sysconf("SC_CLK_TCK")
 ROOT = Path(echoplug.__file__).resolve().parent.parent
 
@@ -80,7 +88,7 @@ def cpuSeconds(pid: int) -> float:
 
 def label(kind: str, reactor: str) -> str:
     """How a server is named in tables and plots."""
-    return f"{kind} ({reactor})" if kind == "asyncio" else f"{kind}/{reactor}"
+    return f"{kind} ({reactor})" if kind in STANDALONE else f"{kind}/{reactor}"
 
 
 @dataclass
@@ -140,6 +148,15 @@ def command(kind: str, reactor: str, port: int,
                 {"ECHOPLUG_LAB_PORT": str(port)})
     if kind == "asyncio":
         return [sys.executable, "-m", "echoplug.lab.asyncioecho", str(port)], {}
+    if kind == "uvloop":
+        return [sys.executable, "-m", "echoplug.lab.asyncioecho", "--uvloop", str(port)], {}
+    if kind == "c-epoll":
+        from echoplug.lab import cbuild
+
+        try:
+            return [str(cbuild.build("cecho")), str(port)], {}
+        except cbuild.BuildError as e:
+            raise ServerError(str(e)) from None
     raise ValueError(f"unknown server kind {kind!r}")
 
 
