@@ -122,3 +122,17 @@ def test_defaults_follow_the_workload() -> None:
     churn = bench.parseArgs(["--workload", "churn", "--server-args", ""])
     assert (churn.connections, churn.idle, churn.size, churn.clients) == ([4], [0], [64], 4)
     assert churn.server_args == []
+
+
+def test_c_epoll_peer_end_to_end(tmp_path) -> None:
+    from echoplug.lab import cbuild
+
+    if cbuild.compiler() is None:
+        pytest.skip("no C compiler (cc)")
+    done = runBench("--no-echoplug", "--peer", "c-epoll", "--connections", "3", "--idle", "0",
+                    "--size", "512", "--duration", "0.4", "--warmup", "0.1", "--repeat", "1",
+                    "--no-plots", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [row] = readCsv(tmp_path / "out" / "results.csv")
+    assert (row["server"], row["reactor"], row["status"]) == ("c-epoll", "C", "ok")
+    assert float(row["msgs_per_s"]) > 0

