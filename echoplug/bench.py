@@ -252,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.writeCsv(rows, out / "results.csv")
         (out / "results.md").write_text(report.markdown(rows, command=command))
 
+    # Which client made the figures matters (a slow one idles the server):
+    # say it up front; command.txt and results.md record it too.
+    client = (f"c ({cbuild.build()})" if options.load == "c" else
+              f"twisted (python -m echoplug.load, reactor {options.client_reactor})")
+    print(f"echoplug-bench: load client {client}", file=sys.stderr)
     progress.draw()
     try:
         runner.sweep(sweepPoints, sweepTargets, settings, progress, onPoint=save)

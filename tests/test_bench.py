@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from echoplug import bench
+from echoplug.lab import cbuild
 from echoplug.lab.runner import CAPPED, Target
 from tests.support import testEnv
 
@@ -51,6 +52,22 @@ def test_bad_options_are_one_line(args, why, tmp_path) -> None:
     assert why in lines[0]
 
 
+def test_no_compiler(tmp_path, monkeypatch) -> None:
+    """--load c without cc is one line; unasked, the bench falls back to twisted."""
+    noCC = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "echoplug.bench", "--load", "c"], cwd=tmp_path,
+                          capture_output=True, text=True, env=testEnv(noCC), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("echoplug-bench: no C compiler (cc, or $CC)")
+    assert done.stderr.count("\n") == 1
+    for name, value in noCC.items():
+        monkeypatch.setenv(name, value)
+    assert bench.parseArgs([]).load == "twisted"
+    monkeypatch.delenv("CC")
+    if cbuild.compiler() is not None:
+        assert bench.parseArgs([]).load == "c"
+
+
 @pytest.mark.parametrize("load", ["c", "twisted"])
 def test_tiny_sweep(tmp_path, load: str) -> None:
     done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
@@ -70,6 +87,7 @@ def test_tiny_sweep(tmp_path, load: str) -> None:
     for png in ("cpu_vs_idle.png", "latency_vs_connections.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "1/1 points, 1/1 runs" in done.stderr  # the progress bar
+    assert f"echoplug-bench: load client {load} (" in done.stderr
     assert list((out / "logs").iterdir())  # the server's output, kept
     for png in out.glob("*.png"):
         png.unlink()

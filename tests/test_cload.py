@@ -6,18 +6,23 @@ checked, against real servers on loopback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from echoplug.lab import cbuild
-from tests.support import freePort, twistd
+from tests.support import (
+    cutAfterOne,
+    flipLastByte,
+    freePort,
+    misbehaving,
+    plainEcho,
+    replayFirst,
+    twistd,
+)
 
 pytestmark = pytest.mark.skipif(cbuild.compiler() is None, reason="no C compiler (cc)")
 
@@ -49,6 +54,26 @@ def test_no_compiler_is_one_line(tmp_path: Path, monkeypatch) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_an_edited_source_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    """The cache is keyed by the source: an edit builds anew, a broken one is one line."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    source.mkdir()
+    monkeypatch.setattr(cbuild, "HERE", source)
+    (source / "cload.c").write_text("int main(void) { return 0; }\n")
+    first = cbuild.build()
+    (source / "cload.c").write_text("int main(void) { return 3; }\n")
+    second = cbuild.build()
+    assert first != second and first.parent == second.parent == tmp_path / "cache" / "echoplug"
+    assert subprocess.run([str(second)]).returncode == 3
+    (source / "cload.c").write_text("int main(void) { return nope; }\n")
+    with pytest.raises(cbuild.BuildError, match="cannot build the C load client") as e:
+        cbuild.build()
+    assert "\n" not in str(e.value)
+    # No half-written binary or temporary file is left behind.
+    assert sorted(p.name for p in second.parent.iterdir()) == sorted([first.name, second.name])
+
+
 @pytest.mark.parametrize("reactor", ["epoll", "select"])
 def test_load_against_echoplug(cload: Path, tmp_path: Path, reactor: str) -> None:
     with twistd(reactor, "--log-level", "warn", cwd=tmp_path) as server:
@@ -72,44 +97,60 @@ def test_churn_against_echoplug(cload: Path, tmp_path: Path) -> None:
     assert result["messages"] > 0
 
 
-@contextlib.contextmanager
-def corruptingEcho(after: int) -> Iterator[int]:
-    """An echo server on loopback that flips one bit of byte C{after}."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10)
-    stop = threading.Event()
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = listener.accept()
-            conn.settimeout(10)
-            seen = 0
-            while not stop.is_set():
-                data = bytearray(conn.recv(65536))
-                if not data:
-                    break
-                if seen <= after < seen + len(data):
-                    data[after - seen] ^= 1
-                seen += len(data)
-                conn.sendall(data)
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(10)
+def flipByte5000(conn: socket.socket) -> None:
+    """Echo, but flip one bit of the 5001st byte: in the middle of a message."""
+    with conn:
+        seen = 0
+        while data := bytearray(conn.recv(65536)):
+            if seen <= 5000 < seen + len(data):
+                data[5000 - seen] ^= 1
+            seen += len(data)
+            conn.sendall(data)
 
 
 def test_a_corrupted_byte_is_caught(cload: Path) -> None:
-    with corruptingEcho(after=5000) as port:
+    with misbehaving(flipByte5000) as port:
         rc, result, _ = run(cload, "--port", str(port), "--size", "1024",
                             "--duration", "1", "--warmup", "0")
     assert rc == 1
     assert result["error"].startswith("echo mismatch on a 1024-byte message")
+
+
+def readAndClose(conn: socket.socket) -> None:
+    with conn:
+        conn.recv(64)
+
+
+# The misbehaving servers that echoplug.load must catch, and a churned
+# connection closed unanswered (churn sends one message: nothing to replay).
+@pytest.mark.parametrize(("workload", "handle", "why"), [
+    ("load", flipLastByte, "echo mismatch"),
+    ("load", replayFirst, "echo mismatch"),  # a stale echo: the payloads rotate
+    ("load", cutAfterOne, "connection lost"),
+    ("churn", flipLastByte, "echo mismatch"),
+    ("churn", readAndClose, "connection closed before the whole echo came back"),
+])
+def test_a_wrong_echo_fails_the_run(cload: Path, workload: str, handle, why: str) -> None:
+    with misbehaving(handle) as port:
+        rc, result, _ = run(cload, "--port", str(port), "--size", "64",
+                            "--workload", workload, "--duration", "0.3", "--warmup", "0.1")
+    assert rc == 1
+    assert why in result["error"]
+
+
+def test_same_json_as_the_python_client(cload: Path) -> None:
+    """A plain loopback echo: the keys of echoplug.load, every round trip counted."""
+    with misbehaving(plainEcho) as port:
+        rc, result, err = run(cload, "--port", str(port), "--connections", "4",
+                              "--size", "700", "--duration", "0.3", "--warmup", "0.1",
+                              "--reactor", "poll", "--seed", "7")
+    assert (rc, err) == (0, "")
+    assert set(result) == {"workload", "messages", "inWindow", "seconds", "rttUs", "error"}
+    assert result["error"] is None
+    assert result["messages"] >= result["inWindow"] > 0
+    assert len(result["rttUs"]) == result["inWindow"]
+    assert all(isinstance(us, int) and us >= 0 for us in result["rttUs"])
+    assert 0.3 <= result["seconds"] < 5
 
 
 def test_sync_protocol(cload: Path, tmp_path: Path) -> None:
@@ -146,3 +187,14 @@ def test_refused_and_bad_options(cload: Path) -> None:
         rc, _, err = run(cload, *args)
         assert rc == 2
         assert err.startswith("cload: ") and err.count("\n") == 1
+
+
+def test_sync_stdin_closed_before_go(cload: Path) -> None:
+    """The runner gone before 'go': an error line and status 1, not a hang."""
+    with misbehaving(plainEcho) as port:
+        done = subprocess.run([str(cload), "--sync", "--port", str(port), "--warmup", "0.1",
+                               "--duration", "0.2"], input="", capture_output=True, text=True,
+                              timeout=30)
+    assert done.returncode == 1
+    *_, last = done.stdout.splitlines()
+    assert json.loads(last)["error"] == "stdin closed before 'go'"

@@ -6,17 +6,14 @@ flipped byte, a stale echo, a cut connection, nothing listening.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support import testEnv, twistd
+from tests.support import cutAfterOne, flipLastByte, misbehaving, replayFirst, testEnv, twistd
 
 
 @pytest.fixture(scope="module")
@@ -75,52 +72,6 @@ def test_sync_waits_for_go_and_holds_the_sockets_until_quit(server) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-@contextlib.contextmanager
-def misbehaving(handle: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A loopback server that runs C{handle(conn)} for each connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
-
-
-def flipLastByte(conn: socket.socket) -> None:
-    with conn:
-        while data := conn.recv(65536):
-            conn.sendall(data[:-1] + bytes([data[-1] ^ 1]))
-
-
-def replayFirst(conn: socket.socket) -> None:
-    """Echo the first message, then keep sending that one back."""
-    with conn:
-        first = conn.recv(64)
-        conn.sendall(first)
-        while data := conn.recv(65536):
-            conn.sendall(first[: len(data)])
-
-
-def cutAfterOne(conn: socket.socket) -> None:
-    with conn:
-        conn.sendall(conn.recv(64))
-        conn.recv(64)
 
 
 @pytest.mark.parametrize(("handle", "why"), [

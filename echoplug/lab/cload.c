@@ -48,6 +48,7 @@ typedef struct {
     size_t sent, got;    /* bytes of it sent and received */
     int64_t sentAt;      /* ns */
     int busy;            /* a message (or churned connection) in flight */
+    int out;             /* EPOLLOUT is in its watched events */
 } Conn;
 
 static struct {
@@ -114,17 +115,22 @@ static void parseArgs(int argc, char **argv) {
     churn = !strcmp(opt.workload, "churn");
 }
 
+/* The server's address; an IPv4 one first, as Twisted's connectTCP (and so
+ * echoplug.load) resolves names to IPv4 only. */
 static void resolve(void) {
-    struct addrinfo hints = {0}, *res;
+    struct addrinfo hints = {0}, *res, *a;
     hints.ai_socktype = SOCK_STREAM;
     char port[16];
     snprintf(port, sizeof port, "%d", opt.port);
     if (getaddrinfo(opt.host, port, &hints, &res) != 0 || !res) {
-        fprintf(stderr, "cload: cannot resolve %s\n", opt.host);
-        exit(1);
+        fail("cannot connect: cannot resolve %s", opt.host);
+        return;
     }
-    memcpy(&addr, res->ai_addr, res->ai_addrlen);
-    addrLen = res->ai_addrlen;
+    for (a = res; a->ai_next && a->ai_family != AF_INET; a = a->ai_next)
+        ;
+    if (a->ai_family != AF_INET) a = res;
+    memcpy(&addr, a->ai_addr, a->ai_addrlen);
+    addrLen = a->ai_addrlen;
     freeaddrinfo(res);
 }
 
@@ -148,8 +154,9 @@ static void record(int64_t rttNs) {
     if (measuring || draining) messages++;
 }
 
-/* Send what is left of the message in flight; watch for writability if the
- * kernel did not take it all. */
+/* Send what is left of the message in flight; watch for writability only
+ * while the kernel has not taken it all (an epoll_ctl per message would
+ * cost the client a syscall more than the server pays). */
 static void pump(Conn *c, uint32_t tag) {
     const unsigned char *p = payloads[c->index];
     while (c->sent < (size_t)opt.size) {
@@ -161,7 +168,11 @@ static void pump(Conn *c, uint32_t tag) {
         }
         c->sent += n;
     }
-    watch(EPOLL_CTL_MOD, c->fd, EPOLLIN | (c->sent < (size_t)opt.size ? EPOLLOUT : 0), tag);
+    int out = c->sent < (size_t)opt.size;
+    if (out != c->out) {
+        c->out = out;
+        watch(EPOLL_CTL_MOD, c->fd, EPOLLIN | (out ? EPOLLOUT : 0), tag);
+    }
 }
 
 static void startMessage(Conn *c, uint32_t tag) {
@@ -192,6 +203,7 @@ static void startChurn(Conn *c, uint32_t tag) {
     inFlight++;
     c->sentAt = now();
     c->connecting = 1;
+    c->out = 1;
     if (connect(c->fd, (struct sockaddr *)&addr, addrLen) < 0 && errno != EINPROGRESS) {
         fail("cannot connect: %s", strerror(errno));
         return;
