@@ -8,16 +8,26 @@ their reactors themselves (tests.support.REACTORS).
 pytest-twisted installs its reactor in C{pytest_configure}, after this file is
 imported, and only knows three names; so the "default" installer is replaced
 here, as its documentation suggests for other reactors.
+
+Also: a shell that starts pytest in the background (C{pytest &}, nohup, some
+CI runners) leaves SIGINT ignored, and an ignored signal stays ignored across
+exec, so every twistd the tests start would ignore SIGINT and Twisted would
+not install its handler. The tests of SIGINT need the disposition a terminal
+gives; an ignored SIGINT is reset here, before any child starts.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import pytest_twisted
 
 TEST_REACTOR = os.environ.get("ECHOPLUG_TEST_REACTOR", "")
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def installNamedReactor() -> None:
