@@ -79,17 +79,15 @@ class LogLine:
         self.logger = logger
         self.level = level
         self.format = format
-        self.plan: list[tuple[str, str, str, str | None]] = []
-        # literals[i] is the text before field i; the last one, after the last.
-        self.literals: list[str] = []
+        # Per field: the literal text before it, its flattened key, name,
+        # spec and conversion; then the text after the last field.
+        self.plan: list[tuple[str, str, str, str, str | None]] = []
         pending = ""
         seen: dict[str, int] = {}
         for literal, name, spec, conversion in string.Formatter().parse(format):
             pending += literal
             if name is None:
                 continue
-            self.literals.append(pending)
-            pending = ""
             if not name.isidentifier():
                 raise ValueError(f"LogLine fields are plain names, not {name!r}")
             # The key Twisted's flattener gives a field: "name!conversion:spec",
@@ -98,23 +96,23 @@ class LogLine:
             seen[key] = seen.get(key, 0) + 1
             if seen[key] > 1:
                 key += f"/{seen[key]}"
-            self.plan.append((key, name, spec or "", conversion))
-        self.literals.append(pending)
+            self.plan.append((pending, key, name, spec or "", conversion))
+            pending = ""
+        self.tail = pending
 
     def __call__(self, **fields: Any) -> None:
         flat = {}
-        literals = self.literals
         parts = []
-        for i, (key, name, spec, conversion) in enumerate(self.plan):
+        for literal, key, name, spec, conversion in self.plan:
             value = fields[name]
             if conversion == "r":
                 value = repr(value)
             elif conversion == "s":
                 value = str(value)
             flat[key] = rendered = format(value, spec)
-            parts.append(literals[i])
+            parts.append(literal)
             parts.append(rendered)
-        parts.append(literals[-1])
+        parts.append(self.tail)
         logger = self.logger
         fields["log_flattened"] = flat
         fields[TEXT_KEY] = "".join(parts)
@@ -217,14 +215,13 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
     from twisted.scripts._twistd_unix import UnixAppLogger
 
     stock = UnixAppLogger(serverOptions)._getLogObserver()
-    out = getattr(stock, "_outFile", None)
-    if not isinstance(stock, FileLogObserver) or out is None:
+    if not isinstance(stock, FileLogObserver):
         # syslog: twistd's legacy observer, behind echoplug's level filter.
         predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
         return FilteringLogObserver(LegacyLogObserverWrapper(stock), [predicate])
     if level is None and fmt == "text":
-        return textObserver(out)
-    return makeObserver(fmt, level or "info", out)
+        return textObserver(stock._outFile)
+    return makeObserver(fmt, level or "info", stock._outFile)
 
 
 def formatAddress(address: object) -> str:

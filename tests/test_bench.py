@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from echoplug import bench
-from echoplug.lab import cbuild
+from echoplug.lab import cbuild, servers
 from echoplug.lab.runner import CAPPED, Target
 from tests.support import testEnv
 
@@ -130,6 +130,15 @@ def test_targets_put_echoplug_beside_its_peers() -> None:
         Target("echoplug", "select"), Target("wire-echo", "select"),
         Target("echoplug", "epoll"), Target("wire-echo", "epoll"),
         Target("asyncio", "stdlib")]
+
+
+def test_peers_run_once_not_per_reactor() -> None:
+    options = bench.parseArgs(["--reactors", "poll,epoll", "--peer", "c-epoll",
+                               "--peer", "asyncio", "--load", "twisted"])
+    assert bench.targets(options) == [
+        Target("echoplug", "poll"), Target("echoplug", "epoll"),
+        Target("c-epoll", "C"), Target("asyncio", "stdlib")]
+    assert servers.label("c-epoll", "C") == "c-epoll (C)"
 
 
 def test_defaults_follow_the_workload() -> None:

@@ -123,15 +123,3 @@ def test_uvloop_missing_is_one_line() -> None:
                           env=servers.childEnv(), timeout=60)
     assert done.returncode == 1
     assert done.stderr == "asyncio echo: uvloop is not installed (pip install uvloop)\n"
-
-
-def test_peers_run_once_not_per_reactor() -> None:
-    from echoplug import bench
-    from echoplug.lab.runner import Target
-
-    options = bench.parseArgs(["--reactors", "poll,epoll", "--peer", "c-epoll",
-                               "--peer", "asyncio", "--load", "twisted"])
-    assert bench.targets(options) == [
-        Target("echoplug", "poll"), Target("echoplug", "epoll"),
-        Target("c-epoll", "C"), Target("asyncio", "stdlib")]
-    assert servers.label("c-epoll", "C") == "c-epoll (C)"

@@ -24,7 +24,7 @@ WHAT = {"cload": "the C load client", "cecho": "the C echo peer (c-epoll)"}
 
 
 class BuildError(Exception):
-    """The C load client cannot be built here; the message is one line."""
+    """A C program of the lab cannot be built here; the message is one line."""
 
 
 def compiler() -> str | None:
@@ -57,7 +57,7 @@ def build(name: str = "cload") -> Path:
     binary.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name and rename: two benches starting at once
     # never run a half-written binary.
-    fd, temp = tempfile.mkstemp(dir=binary.parent, prefix=".cload-")
+    fd, temp = tempfile.mkstemp(dir=binary.parent, prefix=f".{name}-")
     os.close(fd)
     try:
         done = subprocess.run([cc, "-O2", "-o", temp, str(path)],
