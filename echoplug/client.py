@@ -29,6 +29,8 @@ from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from echoplug.reactors import install
+
 MESSAGES = ["This is the message. ", "It will be sent ", "in parts."]
 
 
@@ -190,23 +192,9 @@ def positiveFloat(text: str) -> float:
     return value
 
 
-def installReactor(name: str | None) -> Any:
-    """Install the named reactor (as C{twistd -r} would) and return it."""
-    if name is not None:
-        from twisted.application.reactors import NoSuchReactor, installReactor
-
-        try:
-            installReactor(name)
-        except NoSuchReactor:
-            raise SystemExit(f"echoplug-client: no such reactor: {name!r}") from None
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parseArgs(argv)
-    reactor = installReactor(options.reactor)
+    reactor = install(options.reactor, prog="echoplug-client")
     outcome: list[BaseException] = []
 
     def run(reactor: Any) -> defer.Deferred[None]:

@@ -12,14 +12,13 @@ import sys
 
 import pytest
 
-from echoplug import bench
-from echoplug.lab import cbuild, servers
+from echoplug.lab import bench, cbuild, servers
 from echoplug.lab.runner import CAPPED, Target
 from tests.support import testEnv
 
 
 def runBench(*args: str, cwd, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "echoplug.bench", *args], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "echoplug.lab.bench", *args], cwd=cwd,
                           capture_output=True, text=True, env=testEnv(), timeout=timeout)
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -55,7 +54,7 @@ def test_bad_options_are_one_line(args, why, tmp_path) -> None:
 def test_no_compiler(tmp_path, monkeypatch) -> None:
     """--load c without cc is one line; unasked, the bench falls back to twisted."""
     noCC = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "echoplug.bench", "--load", "c"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "echoplug.lab.bench", "--load", "c"], cwd=tmp_path,
                           capture_output=True, text=True, env=testEnv(noCC), timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("echoplug-bench: no C compiler (cc, or $CC)")

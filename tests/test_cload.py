@@ -1,6 +1,6 @@
 """
 The lab's C load client (echoplug/lab/cload.c, built by echoplug.lab.cbuild):
-built once and cached, the same protocol as echoplug.load, and every byte
+built once and cached, the same protocol as echoplug.lab.load, and every byte
 checked, against real servers on loopback.
 """
 
@@ -121,7 +121,7 @@ def readAndClose(conn: socket.socket) -> None:
         conn.recv(64)
 
 
-# The misbehaving servers that echoplug.load must catch, and a churned
+# The misbehaving servers that echoplug.lab.load must catch, and a churned
 # connection closed unanswered (churn sends one message: nothing to replay).
 @pytest.mark.parametrize(("workload", "handle", "why"), [
     ("load", flipLastByte, "echo mismatch"),
@@ -139,7 +139,7 @@ def test_a_wrong_echo_fails_the_run(cload: Path, workload: str, handle, why: str
 
 
 def test_same_json_as_the_python_client(cload: Path) -> None:
-    """A plain loopback echo: the keys of echoplug.load, every round trip counted."""
+    """A plain loopback echo: the keys of echoplug.lab.load, every round trip counted."""
     with misbehaving(plainEcho) as port:
         rc, result, err = run(cload, "--port", str(port), "--connections", "4",
                               "--size", "700", "--duration", "0.3", "--warmup", "0.1",

@@ -7,7 +7,7 @@ in one command, and get a table and a picture.
         --idle 0,100,1000 --size 64 --peer wire-echo --peer asyncio --out bench-out
 
 The pieces (servers, load client, runner, report) live in L{echoplug.lab} and
-L{echoplug.load}; this module is the command line. A mistake in the options
+L{echoplug.lab.load}; this module is the command line. A mistake in the options
 is one line on stderr and exit status 2; the sweep itself never dies of one
 point: a point that cannot run is a "capped" or "error: ..." row.
 """
@@ -130,7 +130,7 @@ def parser() -> Parser:
     p.add_argument("--load", choices=["c", "twisted"], default=None,
                    help="the load client: c (a small epoll client in C, built with cc on "
                    "first use; fast enough to keep the server busy) or twisted "
-                   "(echoplug.load, in Python) [c when a C compiler is found]")
+                   "(echoplug.lab.load, in Python) [c when a C compiler is found]")
     p.add_argument("--client-reactor", default="epoll",
                    help="the twisted load client's reactor [epoll]")
     p.add_argument("--out", type=Path, default=Path("bench-out"),
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Which client made the figures matters (a slow one idles the server):
     # say it up front; command.txt and results.md record it too.
     client = (f"c ({cbuild.build()})" if options.load == "c" else
-              f"twisted (python -m echoplug.load, reactor {options.client_reactor})")
+              f"twisted (python -m echoplug.lab.load, reactor {options.client_reactor})")
     print(f"echoplug-bench: load client {client}", file=sys.stderr)
     progress.draw()
     try:

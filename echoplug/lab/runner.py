@@ -5,7 +5,7 @@ and measure each server in turn, several times, interleaved.
 
 What keeps a figure honest here:
 
-  - the load comes from other processes (L{echoplug.load}), never from the
+  - the load comes from other processes (L{echoplug.lab.load}), never from the
     process being measured or from the runner;
   - each load process warms up before the window opens; the runner reads
     the server's CPU time (utime + stime) when it tells them C{go} and again
@@ -87,7 +87,7 @@ class Settings:
     warmup: float = 0.5
     repeat: int = 3
     clients: int = 1  # load processes
-    load: str = "twisted"  # the load client: "twisted" (echoplug.load) or "c" (cload.c)
+    load: str = "twisted"  # the load client: "twisted" (echoplug.lab.load) or "c" (cload.c)
     clientReactor: str = "epoll"  # the twisted load client's reactor
     serverArgs: Sequence[str] = ("--log-level", "warn")
     logDir: Path = Path("bench-out/logs")
@@ -215,7 +215,7 @@ def closeAll(sockets: Iterable[socket.socket]) -> None:
 
 class LoadProcess:
     """
-    One load process, C{python -m echoplug.load --sync} or the C client
+    One load process, C{python -m echoplug.lab.load --sync} or the C client
     (C{cload --sync}, the same protocol), and its output lines.
     """
 
@@ -226,7 +226,7 @@ class LoadProcess:
 
             argv = [str(cbuild.build())]
         else:
-            argv = [sys.executable, "-m", "echoplug.load", "--reactor", settings.clientReactor]
+            argv = [sys.executable, "-m", "echoplug.lab.load", "--reactor", settings.clientReactor]
         argv += ["--sync", "--port", str(port),
                  "--workload", workload, "--connections", str(connections),
                  "--size", str(size), "--duration", repr(settings.duration),
