@@ -23,6 +23,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from echoplug._twisted import socketTransport, unsentBytes
 from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Echo, TracingEcho
 
@@ -52,7 +53,7 @@ class EchoFactory(ServerFactory):
 
     refusalLogInterval = 1.0  # at most one refusal line per this many seconds
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
     noisy = False  # no "Starting factory" lines: the service logs its own.
 
     def __init__(
@@ -210,7 +211,8 @@ class EchoFactory(ServerFactory):
             return
         now = self.clock.seconds()
         for p in list(self.connections):
-            mark = (p.bytesIn, pendingBytes(p.transport))
+            # The ciphertext too under TLS: is anything leaving at all?
+            mark = (p.bytesIn, unsentBytes(socketTransport(p.transport)))
             if mark != p.idleMark:
                 p.idleMark = mark
                 p.idleSince = now
@@ -234,53 +236,12 @@ class EchoFactory(ServerFactory):
         return formatAddress(transport.getPeer())
 
 
-def _bottom(transport: Any) -> Any:
-    # A TLS transport wraps the TCP one: look through wrappers to the socket.
-    while not hasattr(transport, "dataBuffer") and hasattr(transport, "transport"):
-        transport = transport.transport
-    return transport
-
-
-def pendingBytes(transport: Any) -> int:
-    """
-    Bytes written but not yet sent, from the fields of Twisted's
-    C{FileDescriptor} (every POSIX reactor, asyncio included); 0 if unknown.
-    """
-    t = _bottom(transport)
-    try:
-        return len(t.dataBuffer) - t.offset + t._tempDataLen
-    except AttributeError:
-        return 0
-
-
 def fileno(transport: Any) -> int:
     """The descriptor under C{transport}, or -1 if it has none."""
     try:
-        return int(_bottom(transport).fileno())
+        return int(socketTransport(transport).fileno())
     except (AttributeError, TypeError, ValueError):
         return -1
-
-
-def unsentBytes(transport: object) -> int:
-    """
-    Bytes written to C{transport} that it has not yet handed to the kernel.
-
-    Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor},
-    under every reactor echoplug runs on) keep them in C{dataBuffer} from
-    C{offset} on, plus C{_tempDataLen} bytes not yet joined to it; both
-    survive C{connectionLost}, so this works at close time too. A TLS
-    transport keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}:
-    unlike L{pendingBytes}, which looks through to the ciphertext, this
-    counts the bytes the protocol wrote, as C{bytesIn} does.
-    """
-    buffered = getattr(transport, "dataBuffer", None)
-    if buffered is not None:
-        return (len(buffered) - getattr(transport, "offset", 0)
-                + getattr(transport, "_tempDataLen", 0))
-    pending = getattr(transport, "_appSendBuffer", None)
-    if pending:
-        return sum(len(chunk) for chunk in pending)
-    return 0
 
 
 def describeReason(reason: Failure) -> str:

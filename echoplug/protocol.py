@@ -105,7 +105,7 @@ class TracingEcho(Echo):
     "closing". Chosen by C{--trace}; never on the fast path otherwise.
     """
 
-    log = Logger(namespace="echoplug.trace")
+    log = Logger()
 
     def connectionMade(self) -> None:
         self.peer = self.factory.peerOf(self.transport)

@@ -112,7 +112,7 @@ class Listener(Service):
     @ivar ready: fires with the listening port once it listens.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
 
     def __init__(
         self, description: str, endpoint: IStreamServerEndpoint, factory: EchoFactory
@@ -174,7 +174,7 @@ class EchoService(MultiService):
         C{stopService} (SIGTERM) before they are aborted.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
     #: The sweep runs this many times per idle timeout, so a connection is
     #: closed after between 1 and 1.5 timeouts without traffic.
     sweepsPerTimeout = 4

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, tcp, threads, unix
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import defer, protocol, reactor, tcp, threads
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from echoplug.eager import PLAIN, eagerWriter, loseConnection
+from echoplug.eager import eagerWriter, loseConnection
 from tests.support import REACTORS, halfCloseOn, recvAll, twistd
 
 
@@ -86,43 +85,6 @@ def recvUntilClosed(sock: socket.socket) -> bytes:
         return recvAll(sock)
     except ConnectionResetError:
         return b""
-
-
-# The Twisted internals eager.py reads, pinned.
-
-
-def test_pinned_filedescriptor_attributes() -> None:
-    """Each attribute eager.py reads exists, with the default it assumes."""
-    assert FileDescriptor.dataBuffer == b""
-    assert FileDescriptor.disconnecting == 0
-    assert FileDescriptor._writeDisconnecting is False
-    assert FileDescriptor.producerPaused is False
-    assert FileDescriptor.producer is None
-    assert FileDescriptor.connected == 0
-    assert tcp.Connection._aborting is False
-    assert tcp.Server.TLS is False
-    assert FileDescriptor(reactor)._tempDataBuffer == []
-    # unix.Server is tcp.Server's write path plus file-descriptor passing,
-    # which an echo never uses.
-    assert issubclass(unix.Server, tcp.Server)
-    assert PLAIN == (tcp.Server, unix.Server)
-
-
-@pytest_twisted.inlineCallbacks
-def test_pinned_twisted_write_is_deferred():
-    """
-    The premise: FileDescriptor.write only buffers and asks the reactor for
-    writability. If Twisted ever sends at once itself, eager.py is redundant.
-    """
-    pair = yield accepted()
-    try:
-        t = pair.transport
-        t.write(b"later")
-        assert t._tempDataBuffer == [b"later"]
-        assert t in reactor.getWriters()
-        assert (yield threads.deferToThread(recvExactly, pair.client, 5)) == b"later"
-    finally:
-        yield pair.close()
 
 
 # Which transports get the eager path.

@@ -180,16 +180,6 @@ def test_log_line_event_is_logger_info_event(format: str, fields: dict[str, obje
     assert formatEvent(eventFromJSON(eventAsJSON(fast))) == formatEvent(stock)
 
 
-def test_pinned_twisted_formats_from_log_flattened() -> None:
-    """
-    The saving rests on formatEvent using log_flattened when present, with
-    Twisted's key names: prove it reads the pre-rendered text, not the fields.
-    """
-    _, fast = both(*LINES[0])
-    fast["peer"] = "someone else"
-    assert formatEvent(fast).startswith("close [::1]:5 after 0.012s, 1000000000000 bytes")
-
-
 def test_log_line_rejects_what_it_cannot_prerender() -> None:
     with pytest.raises(ValueError):
         LogLine(Logger(), LogLevel.info, "{peer.host}")
@@ -243,19 +233,6 @@ def test_classic_text_matches_twistd_for_other_events() -> None:
     events.append({"no": "format"})
     for event in events:
         assert ClassicText()(event) == stockLine(event)
-
-
-def test_pinned_twistd_log_observer() -> None:
-    """
-    twistdObserver asks twistd's own UnixAppLogger for its observer and
-    takes the file from it: both names must still exist and mean that.
-    """
-    from twisted.scripts._twistd_unix import UnixApplicationRunner, UnixAppLogger
-
-    assert UnixApplicationRunner.loggerFactory is UnixAppLogger
-    stock = UnixAppLogger({"nodaemon": True, "logfile": ""})._getLogObserver()
-    assert isinstance(stock, FileLogObserver)
-    assert stock._outFile is sys.stdout
 
 
 def test_twistd_observer_follows_twistds_choice(tmp_path: Path) -> None:

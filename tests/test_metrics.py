@@ -19,7 +19,8 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import deferLater
 
-from echoplug.factory import EchoFactory, unsentBytes
+from echoplug._twisted import unsentBytes
+from echoplug.factory import EchoFactory
 from tests.support import REACTORS, connect, recvAll, testEnv, twistd
 
 METRICS_LINE = r"serving metrics on 127\.0\.0\.1:(?P<port>\d+) at /metrics"

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_load -*-
 """
 The lab's load generator: a closed-loop Twisted echo client, run as its own
-process (C{python -m echoplug.load}) so that the load never shares a process,
+process (C{python -m echoplug.lab.load}) so that the load never shares a process,
 and so never a core's time slice, with the server it measures.
 
 Two workloads:
@@ -33,12 +33,14 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
+
+from echoplug.eager import eagerWriter
 
 PAYLOADS = 4  # distinct payloads a connection rotates through
 
@@ -122,24 +124,6 @@ class Run:
             self.drained.callback(None)
 
 
-def sendNow(transport: Any, data: bytes) -> None:
-    """
-    Send C{data} at once if nothing is queued, as asyncio does, and queue
-    only what the socket did not take. C{transport.write} alone would send
-    on the reactor's next turn, after two more C{epoll_ctl} calls: on one
-    connection that makes the client, not the server, set the pace, and an
-    idler server spends more CPU per message (it sleeps and wakes for each).
-    """
-    if transport.dataBuffer or transport._tempDataLen:
-        transport.write(data)
-        return
-    sent = transport.writeSomeData(data)
-    if not isinstance(sent, int):  # the connection is gone: let Twisted report it
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
-
-
 class LoadProtocol(Protocol):
     """
     One connection of the C{load} workload: one message in flight, each echo
@@ -147,6 +131,7 @@ class LoadProtocol(Protocol):
     """
 
     factory: LoadFactory
+    write: Callable[[bytes], None]
 
     def __init__(self) -> None:
         self.received = bytearray()
@@ -157,6 +142,11 @@ class LoadProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        # Send at once, as asyncio does (echoplug.eager): a write on the
+        # reactor's next turn would let the client, not the server, set the
+        # pace on one connection, and an idler server spends more CPU per
+        # message (it sleeps and wakes for each).
+        self.write = eagerWriter(self.transport)
         self.open = True
         self.factory.connected(self)
 
@@ -168,7 +158,7 @@ class LoadProtocol(Protocol):
         self.expected = run.payloads[self.index]
         run.inFlight += 1
         self.sentAt = time.perf_counter_ns()
-        sendNow(self.transport, self.expected)
+        self.write(self.expected)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.received and data == self.expected:
@@ -390,7 +380,7 @@ async def drive(reactor: Any, options: argparse.Namespace, run: Run,
 
 def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m echoplug.load",
+        prog="python -m echoplug.lab.load",
         description="Closed-loop echo load: each connection keeps one message in flight "
         "and checks every byte that comes back. Prints one JSON line.",
     )
@@ -421,9 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1)  # where a stuck client is: kill -USR1 PID
-    from echoplug.client import installReactor
+    from echoplug.reactors import install
 
-    reactor = installReactor(options.reactor)
+    reactor = install(options.reactor, prog="python -m echoplug.lab.load")
     run = Run(reactor, options)
     outcome: dict[str, Any] = {}
     control: Control | None = None
