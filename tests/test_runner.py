@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from echoplug.lab import runner, servers
+from echoplug.lab import procs, runner, servers
 from echoplug.lab.runner import CAPPED, Point, Row, Sample, Settings, Target
 
 
@@ -146,7 +146,7 @@ def test_the_lab_agrees_with_a_blocking_socket_client(tmp_path) -> None:
         runner.closeAll(socks)
         server.stop()
     labUs = lab[0] * 1e6 / lab[1]
-    independentUs = independent[0] * 1e6 / servers.TICKS / independent[1]
+    independentUs = independent[0] * 1e6 / procs.TICKS / independent[1]
     assert labUs == pytest.approx(independentUs, rel=0.4), (labUs, independentUs)
 
 

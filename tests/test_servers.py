@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from echoplug.lab import cbuild, servers
+from echoplug.lab import cbuild, procs, servers
 from echoplug.lab.servers import ServerError
 from tests.support import echoHalfClose, pushWithoutReading, rssBytes
 
@@ -120,6 +120,6 @@ def test_uvloop_missing_is_one_line() -> None:
     code = ("import sys; sys.modules['uvloop'] = None; from echoplug.lab.asyncioecho "
             "import main; sys.exit(main(['--uvloop', '0']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=servers.childEnv(), timeout=60)
+                          env=procs.childEnv(), timeout=60)
     assert done.returncode == 1
     assert done.stderr == "asyncio echo: uvloop is not installed (pip install uvloop)\n"
