@@ -122,9 +122,11 @@ def parser() -> Parser:
                    "cc); repeatable")
     p.add_argument("--no-echoplug", action="store_true",
                    help="measure the peers only")
-    p.add_argument("--server-args", default=SERVER_ARGS,
+    p.add_argument("--server-args", action="append", default=None,
                    help=f"extra options for twistd echoplug, as one string [{SERVER_ARGS!r}]; "
-                   "'' for echoplug's defaults (an access-log line per connection)")
+                   "'' for echoplug's defaults (an access-log line per connection). "
+                   "Repeatable: each value is a variant of echoplug, measured in turns with "
+                   "the others at every point and named echoplug[ARGS] in the results")
     p.add_argument("--clients", type=count, default=None,
                    help="load-client processes sharing the connections [1; churn: 4]")
     p.add_argument("--load", choices=["c", "twisted"], default=None,
@@ -157,9 +159,12 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in known:
             p.error(f"no such reactor: {name!r} (this machine has {', '.join(known)})")
     try:
-        options.server_args = shlex.split(options.server_args)
+        variants = [shlex.split(a) for a in options.server_args or [SERVER_ARGS]]
     except ValueError as e:
         p.error(f"--server-args: {e}")
+    # Each variant once, in the order given; the first is the sweep's own.
+    options.variants = [list(v) for v in dict.fromkeys(tuple(v) for v in variants)]
+    options.server_args = options.variants[0]
     options.peer = list(dict.fromkeys(options.peer))
     if options.load is None:
         options.load = "c" if cbuild.compiler() is not None else "twisted"
@@ -180,10 +185,18 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def targets(options: argparse.Namespace) -> list[Target]:
-    """echoplug and the Twisted peers per reactor; the standalone peers once."""
-    kinds = ([] if options.no_echoplug else ["echoplug"]) + [
-        k for k in options.peer if k not in STANDALONE]
-    found = [Target(kind, reactor) for reactor in options.reactors for kind in kinds]
+    """
+    echoplug (each of its variants, if several C{--server-args} were given)
+    and the Twisted peers per reactor; the standalone peers once.
+    """
+    variants: list[tuple[str, ...] | None] = [None]
+    if len(options.variants) > 1:
+        variants = [tuple(v) for v in options.variants]
+    found = []
+    for reactor in options.reactors:
+        if not options.no_echoplug:
+            found += [Target("echoplug", reactor, v) for v in variants]
+        found += [Target(k, reactor) for k in options.peer if k not in STANDALONE]
     found += [Target(k, STANDALONE[k]) for k in options.peer if k in STANDALONE]
     return found
 
@@ -212,7 +225,7 @@ def replot(out: Path) -> int:
 
 def writePlots(rows: list[runner.Row], out: Path) -> None:
     try:
-        made = report.plot(rows, out)
+        made = [*report.plot(rows, out), report.summaryPlot(rows, out)]
     except ImportError:
         print("echoplug-bench: matplotlib is not installed (pip install "
               "'echoplug[bench]'), so no plots", file=sys.stderr)
