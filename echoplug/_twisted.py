@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from twisted.internet import main, selectreactor
-from twisted.logger import FileLogObserver, ILogObserver
+from twisted.logger import FileLogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
 
@@ -159,11 +159,13 @@ def closeNow(transport: Any) -> None:
 # twistd's log observer.
 
 
-def twistdLogObserver(serverOptions: Any) -> ILogObserver:
+def twistdLogObserver(serverOptions: Any) -> Any:
     """
     The observer twistd itself would log to for C{serverOptions}, from its
     own C{UnixAppLogger}, so echoplug follows twistd's rules for C{-n},
-    C{-l}, C{--syslog} and daemons instead of repeating them.
+    C{-l}, C{--syslog} and daemons instead of repeating them: a
+    C{FileLogObserver}, or a legacy observer (C{twisted.python.log}) for
+    C{--syslog}.
     """
     from twisted.scripts._twistd_unix import UnixAppLogger
 
@@ -172,7 +174,7 @@ def twistdLogObserver(serverOptions: Any) -> ILogObserver:
 
 def observerFile(observer: FileLogObserver) -> IO[Any]:
     """The file a C{FileLogObserver} writes to."""
-    return observer._outFile  # type: ignore[no-any-return]
+    return observer._outFile
 
 
 # The lean reactors: Twisted's doPoll and doSelect without a log context

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IConnector
+from twisted.internet.interfaces import IConnector, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
@@ -45,6 +46,7 @@ class EchoClient(Protocol):
     """
 
     factory: EchoClientFactory
+    transport: ITCPTransport
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -56,6 +58,7 @@ class EchoClient(Protocol):
     def connectionMade(self) -> None:
         # The local address, as the original printed getsockname().
         host = self.transport.getHost()
+        assert isinstance(host, IPv4Address | IPv6Address)
         self.name = repr((host.host, host.port))
         self.factory.connected.callback(self)
 
@@ -92,7 +95,7 @@ class EchoClient(Protocol):
             ))
 
 
-class EchoClientFactory(ClientFactory):
+class EchoClientFactory(ClientFactory["EchoClient"]):
     """
     Make one L{EchoClient}; C{connected} fires with it, or fails with a
     L{ClientError} if the connection cannot be made.
@@ -197,10 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor = install(options.reactor, prog="echoplug-client")
     outcome: list[BaseException] = []
 
+    def failed(f: Failure) -> None:
+        assert f.value is not None
+        outcome.append(f.value)
+
     def run(reactor: Any) -> defer.Deferred[None]:
         d = defer.ensureDeferred(converse(reactor, options))
         d.addTimeout(options.timeout, reactor)
-        d.addErrback(lambda f: outcome.append(f.value))
+        d.addErrback(failed)
         return d
 
     from twisted.internet.task import react

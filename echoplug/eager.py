@@ -36,16 +36,16 @@ from twisted.internet import tcp
 
 from echoplug import _twisted
 
-try:
-    from twisted.internet import unix
-except ImportError:  # pragma: no cover - platforms without AF_UNIX
-    unix = None  # type: ignore[assignment]
-
 #: Transport classes, exactly (not subclasses), whose write path is
 #: C{FileDescriptor.write} over a plain stream socket: the server ends (an
 #: echo) and the client ends (the lab's load client).
-PLAIN: tuple[type, ...] = (tcp.Server, tcp.Client) + (
-    (unix.Server, unix.Client) if unix is not None else ())
+PLAIN: tuple[type, ...] = (tcp.Server, tcp.Client)
+try:
+    from twisted.internet import unix
+except ImportError:  # pragma: no cover - platforms without AF_UNIX
+    pass
+else:
+    PLAIN += (unix.Server, unix.Client)
 
 
 def eagerWriter(transport: Any) -> Callable[[bytes], None]:
@@ -54,7 +54,8 @@ def eagerWriter(transport: Any) -> Callable[[bytes], None]:
     or UNIX transport, else C{transport.write} itself.
     """
     if type(transport) not in PLAIN or _twisted.usesTLS(transport):
-        return transport.write  # type: ignore[no-any-return]
+        write: Callable[[bytes], None] = transport.write
+        return write
     return _twisted.eagerWrite(transport)
 
 

@@ -28,7 +28,7 @@ from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Echo, TracingEcho
 
 
-class EchoFactory(ServerFactory):
+class EchoFactory(ServerFactory[Echo]):
     """
     Build echo protocols and account for them.
 
@@ -66,7 +66,7 @@ class EchoFactory(ServerFactory):
         clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor as clock
         self.clock: Any = clock
         self.protocol = TracingEcho if trace else Echo
         level = LEVELS[logLevel]
@@ -93,25 +93,27 @@ class EchoFactory(ServerFactory):
         self._flushCall: Any = None
         self._emptyWaiters: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress) -> Echo | None:
+    protocol: type[Echo]
+
+    def buildProtocol(self, addr: IAddress | None) -> Echo | None:
         # Returning None makes the listening port close the new socket at
         # once: the client sees EOF (or a reset), and is never served.
         if self.maxConnections is not None and len(self.connections) >= self.maxConnections:
-            return self.refuse(addr, f"at --max-connections {self.maxConnections}")
+            self.refuse(addr, f"at --max-connections {self.maxConnections}")
+            return None
         host = None
         if self.maxPerPeer is not None:
             host = getattr(addr, "host", None)  # None for UNIX sockets: not capped
             if host is not None and self.perPeer.get(host, 0) >= self.maxPerPeer:
-                return self.refuse(
-                    addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}"
-                )
+                self.refuse(addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}")
+                return None
         p = self.protocol()
         p.factory = self
         if host is not None:
             p.peerHost = host
         return p
 
-    def refuse(self, addr: IAddress, why: str) -> None:
+    def refuse(self, addr: IAddress | None, why: str) -> None:
         """
         Count a refused connection and log it, at most one line per
         L{refusalLogInterval}: a flood of refusals must not flood the log.
@@ -131,7 +133,6 @@ class EchoFactory(ServerFactory):
                 self._flushCall = self.clock.callLater(
                     self._lastRefusalLog + self.refusalLogInterval - now, self._flushRefusals
                 )
-        return None
 
     def _flushRefusals(self) -> None:
         self._flushCall = None
@@ -232,7 +233,8 @@ class EchoFactory(ServerFactory):
         return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
 
     @staticmethod
-    def peerOf(transport: ITransport) -> str:
+    def peerOf(transport: ITransport | None) -> str:
+        assert transport is not None
         return formatAddress(transport.getPeer())
 
 

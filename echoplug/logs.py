@@ -145,11 +145,11 @@ class CachedTime:
         self.text = ""
 
     def __call__(self, when: float | None) -> str:
-        second = int(when) if when is not None and when >= 0 else -1
-        if second < 0 or when - second > 0.999999:  # type: ignore[operator]
+        if when is None or when < 0 or when - int(when) > 0.999999:
             # datetime rounds to the microsecond, so the last microsecond of
             # a second may print as the next one: leave that to Twisted.
             return formatTime(when, timeFormatRFC3339)
+        second = int(when)
         if second != self.second:
             self.text = formatTime(second, timeFormatRFC3339)
             self.second = second
@@ -235,9 +235,8 @@ def formatAddress(address: object) -> str:
         return f"[{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
         name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name or "unix"
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
+        return text or "unix"
     return str(address)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,6 +41,10 @@ class Echo(Protocol):
     """
 
     factory: EchoFactory
+    # A tcp.Server, unix.Server or TLS transport: no one Twisted interface
+    # names all it is asked for here (registerProducer, abortConnection,
+    # getPeer), and Protocol types it as ITransport | None.
+    transport: Any
     bytesIn = 0
     started = 0.0
     closeReason: str | None = None
@@ -76,7 +80,7 @@ class Echo(Protocol):
         # The peer will read no more; nothing we send can arrive.
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connectionLost(self, reason)
 
     def close(self, why: str, graceful: bool = False) -> None:

@@ -57,7 +57,8 @@ def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndp
     from twisted.internet import reactor
 
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
     except Exception as e:
         why = str(e) or type(e).__name__
         if description.startswith("systemd:"):

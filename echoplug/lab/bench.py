@@ -18,7 +18,7 @@ import argparse
 import importlib.util
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def intList(minimum: int) -> object:
+def intList(minimum: int) -> Callable[[str], list[int]]:
     def parse(text: str) -> list[int]:
         values = []
         for part in text.split(","):
@@ -151,7 +151,7 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = DEFAULTS[options.workload]
     for name in ("connections", "idle", "size"):
         if getattr(options, name) is None:
-            setattr(options, name, intList(0)(defaults[name]))
+            setattr(options, name, intList(0)(str(defaults[name])))
     if options.clients is None:
         options.clients = defaults["clients"]
     known = knownReactors()

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -72,6 +73,7 @@ class Run:
         self.error: str | None = None
         self.waiting: defer.Deferred[Any] | None = None
         self.drained: defer.Deferred[None] | None = None
+        self.closers: list[Callable[[], None]] = []  # what closes the sockets at the end
 
     def fail(self, why: str) -> None:
         """Stop at once: the step being waited for fails with C{why}."""
@@ -131,6 +133,7 @@ class LoadProtocol(Protocol):
     """
 
     factory: LoadFactory
+    transport: ITCPTransport
     write: Callable[[bytes], None]
 
     def __init__(self) -> None:
@@ -198,7 +201,7 @@ class LoadProtocol(Protocol):
         self.open = False
 
 
-class LoadFactory(ClientFactory):
+class LoadFactory(ClientFactory["LoadProtocol"]):
     """Open C{count} connections one after another, then start them all."""
 
     protocol = LoadProtocol
@@ -243,6 +246,7 @@ class ChurnProtocol(Protocol):
     """One connection of the C{churn} workload: connect, echo, close."""
 
     factory: ChurnFactory
+    transport: ITCPTransport
 
     def __init__(self) -> None:
         self.received = bytearray()
@@ -265,7 +269,7 @@ class ChurnProtocol(Protocol):
         self.factory.lost(self)
 
 
-class ChurnFactory(ClientFactory):
+class ChurnFactory(ClientFactory["ChurnProtocol"]):
     """One churn loop: each closed connection starts the next."""
 
     protocol = ChurnProtocol
@@ -334,6 +338,7 @@ def say(control: Control | None, line: str) -> None:
     C{sys.stdout.write} of a long result could fail half-way.
     """
     if control is not None:
+        assert control.transport is not None
         control.transport.write(line.encode() + b"\n")
     else:
         sys.stdout.write(line + "\n")
@@ -374,7 +379,7 @@ async def drive(reactor: Any, options: argparse.Namespace, run: Run,
         "rttUs": [ns // 1000 for ns in run.rttNs],
         "error": None,
     }
-    run.closers = closers  # type: ignore[attr-defined]
+    run.closers = closers
     return result
 
 
@@ -438,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Hold the sockets open (and let the transport flush the line)
             # until the runner has read the server's CPU time and says quit.
             await control.words["quit"]
-        for close in getattr(run, "closers", []):
+        for close in run.closers:
             close()
 
     def start(reactor: Any) -> defer.Deferred[None]:

@@ -37,7 +37,7 @@ def readCsv(path: Path) -> list[Row]:
     rows = []
     with path.open(newline="") as f:
         for record in csv.DictReader(f):
-            values: dict[str, object] = {}
+            values: dict[str, Any] = {}
             for column in COLUMNS:
                 text = record[column]
                 if column in ints:
@@ -46,7 +46,7 @@ def readCsv(path: Path) -> list[Row]:
                     values[column] = text
                 else:
                     values[column] = float(text) if text else math.nan
-            rows.append(Row(**values))  # type: ignore[arg-type]
+            rows.append(Row(**values))
     return rows
 
 
@@ -90,12 +90,16 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
 def lineStyle(server: str) -> dict[str, object]:
     if server.startswith("echoplug["):
         server = "echoplug"  # a variant of echoplug: the same line, its own colour
-    return {"echoplug": {"linestyle": "-", "marker": "o"},
-            "wire-echo": {"linestyle": "--", "marker": "s"},
-            "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"},
-            "uvloop": {"linestyle": ":", "marker": "v", "color": "olive"},
-            "c-epoll": {"linestyle": ":", "marker": "x", "color": "black"}}.get(
-                server, {"linestyle": "-.", "marker": "d"})
+    return STYLES.get(server, {"linestyle": "-.", "marker": "d"})
+
+
+STYLES: dict[str, dict[str, object]] = {
+    "echoplug": {"linestyle": "-", "marker": "o"},
+    "wire-echo": {"linestyle": "--", "marker": "s"},
+    "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"},
+    "uvloop": {"linestyle": ":", "marker": "v", "color": "olive"},
+    "c-epoll": {"linestyle": ":", "marker": "x", "color": "black"},
+}
 
 
 def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
@@ -218,7 +222,7 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
+def _grid(plt: Any, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
           panel: str, xlabel: str, title: str, logx: bool = False,
           logy: bool = False) -> None:
     """
@@ -228,13 +232,13 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str
     sizes = sorted({r.size for r in rows})
     lines = [(size, column) for size in sizes for column in y]
     panels = sorted({getattr(r, panel) for r in rows})
-    fig, axes = plt.subplots(len(lines), len(panels),  # type: ignore[attr-defined]
+    fig, axes = plt.subplots(len(lines), len(panels),
                              figsize=(4.2 * len(panels) + 1, 3.4 * len(lines) + 0.8),
                              squeeze=False)
     names = sorted({(r.server, r.reactor) for r in rows},
                    key=lambda sr: (not sr[0].startswith("echoplug"), sr[0], sr[1]))
     variants = sorted({r.server for r in rows if r.server.startswith("echoplug[")})
-    colors = {}
+    colors: dict[str, str] = {}
     cycle = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
              "tab:pink", "tab:olive", "tab:cyan"]
     for reactor in sorted({r.reactor for r in rows}):
@@ -288,4 +292,4 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str
     rowsOfLegend = math.ceil(len(labels) / 5) if labels else 0
     fig.tight_layout(rect=(0, 0.04 + 0.03 * rowsOfLegend, 1, 0.96))
     fig.savefig(path, dpi=110)
-    plt.close(fig)  # type: ignore[attr-defined]
+    plt.close(fig)

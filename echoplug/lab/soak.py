@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import IO
 
 from echoplug.lab import procs
 
@@ -171,7 +172,7 @@ def soakOne(reactor: str, seconds: float, clients: int, maxSize: int, sample: fl
     return result
 
 
-def report(results: list[Result], out: object = sys.stdout) -> None:
+def report(results: list[Result], out: IO[str] = sys.stdout) -> None:
     print(f"{'reactor':8} {'secs':>5} {'conns':>7} {'halfcl':>6} {'MiB':>8} {'mismatch':>8} "
           f"{'errors':>6} {'tb':>3} {'RSS MiB first/max/last':>23} {'growth':>7}", file=out)
     for r in results:
