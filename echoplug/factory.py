@@ -19,16 +19,15 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echoplug._twisted import socketTransport, unsentBytes
 from echoplug.logs import LEVELS, LogLine, formatAddress
-from echoplug.protocol import Echo, TracingEcho
+from echoplug.protocol import Books, Echo, TracingEcho
 
 
-class EchoFactory(ServerFactory[Echo]):
+class EchoFactory(Books):
     """
     Build echo protocols and account for them.
 

@@ -67,7 +67,7 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "echoplug_connections_refused",
             "Connections refused since start (closed at once, over a connection cap).",
-            value=getattr(f, "refused", 0))
+            value=f.refused)
         yield GaugeMetricFamily(
             "echoplug_connections_open", "Connections open now.", value=len(f.connections))
         yield CounterMetricFamily(
