@@ -67,6 +67,8 @@ def test_no_compiler(tmp_path, monkeypatch) -> None:
         assert bench.parseArgs([]).load == "c"
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("load", ["c", "twisted"])
 def test_tiny_sweep(tmp_path, load: str) -> None:
     done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
@@ -98,6 +100,7 @@ def test_tiny_sweep(tmp_path, load: str) -> None:
     assert f"--load {load}" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_capped_point_never_crashes(tmp_path) -> None:
     done = runBench("--reactors", "select", "--connections", "1", "--idle", "1000",
                     "--size", "64", "--repeat", "1", "--no-plots", "--out", "out",
@@ -108,6 +111,7 @@ def test_capped_point_never_crashes(tmp_path) -> None:
     assert "capped" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_peers_and_churn_side_by_side(tmp_path) -> None:
     done = runBench("--workload", "churn", "--reactors", "poll", "--peer", "wire-echo",
                     "--peer", "asyncio", "--connections", "2", "--clients", "2",
@@ -123,6 +127,7 @@ def test_peers_and_churn_side_by_side(tmp_path) -> None:
     assert "--load c" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_server_args_variants_measured_in_turns(tmp_path) -> None:
     """Two --server-args: two echoplugs at the same point, one row each, named by args."""
     done = runBench("--workload", "churn", "--reactors", "epoll", "--server-args", "",
@@ -190,6 +195,7 @@ def test_defaults_follow_the_workload() -> None:
     assert churn.server_args == []
 
 
+@pytest.mark.slow
 def test_c_epoll_peer_end_to_end(tmp_path) -> None:
     from echoplug.lab import cbuild
 

@@ -74,6 +74,7 @@ def test_an_edited_source_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in second.parent.iterdir()) == sorted([first.name, second.name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", ["epoll", "select"])
 def test_load_against_echoplug(cload: Path, tmp_path: Path, reactor: str) -> None:
     with twistd(reactor, "--log-level", "warn", cwd=tmp_path) as server:
@@ -87,6 +88,7 @@ def test_load_against_echoplug(cload: Path, tmp_path: Path, reactor: str) -> Non
     assert 0 < result["seconds"] < 5
 
 
+@pytest.mark.slow
 def test_churn_against_echoplug(cload: Path, tmp_path: Path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         rc, result, _ = run(cload, "--port", str(server.port), "--workload", "churn",
@@ -153,6 +155,7 @@ def test_same_json_as_the_python_client(cload: Path) -> None:
     assert 0.3 <= result["seconds"] < 5
 
 
+@pytest.mark.slow
 def test_sync_protocol(cload: Path, tmp_path: Path) -> None:
     """ready, then go, then one JSON line; the sockets stay open until quit."""
     with twistd(None, cwd=tmp_path) as server:

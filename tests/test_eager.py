@@ -294,6 +294,7 @@ def unixHalfClose(path: str, chunks: list[bytes]) -> bytes:
         return halfCloseOn(s, chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactorName", [r for r in REACTORS if r in ("epoll", "echoplug-epoll")])
 def test_unix_socket_half_close_and_backpressure(tmp_path, reactorName: str) -> None:
     import os

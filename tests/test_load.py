@@ -32,6 +32,7 @@ def load(port: int, *options: str, timeout: float = 30) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_load_counts_and_times_every_round_trip(server) -> None:
     rc, result = load(server.port, "--connections", "3", "--size", "1000")
     assert rc == 0
@@ -43,6 +44,7 @@ def test_load_counts_and_times_every_round_trip(server) -> None:
     assert result["seconds"] >= 0.3
 
 
+@pytest.mark.slow
 def test_churn_counts_connections(server) -> None:
     rc, result = load(server.port, "--workload", "churn", "--connections", "2")
     assert rc == 0, result
@@ -50,6 +52,7 @@ def test_churn_counts_connections(server) -> None:
     assert result["messages"] >= result["inWindow"] > 0
 
 
+@pytest.mark.slow
 def test_sync_waits_for_go_and_holds_the_sockets_until_quit(server) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "echoplug.lab.load", "--sync", "--port", str(server.port),

@@ -82,6 +82,7 @@ def test_text_observer() -> None:
     assert "hidden" not in out.getvalue()
 
 
+@pytest.mark.slow
 def test_access_line_and_debug_open(tmp_path) -> None:
     with twistd(None, "--log-level", "debug", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -92,6 +93,7 @@ def test_access_line_and_debug_open(tmp_path) -> None:
         assert line
 
 
+@pytest.mark.slow
 def test_default_level_hides_debug(tmp_path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -102,6 +104,7 @@ def test_default_level_hides_debug(tmp_path) -> None:
     assert " open 127.0.0.1" not in server.output()
 
 
+@pytest.mark.slow
 def test_warn_level_hides_access_line(tmp_path) -> None:
     with twistd(None, "--log-level", "warn", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -110,6 +113,7 @@ def test_warn_level_hides_access_line(tmp_path) -> None:
     assert "bytes echoed" not in server.output()
 
 
+@pytest.mark.slow
 def test_json_format_through_twistd(tmp_path) -> None:
     with twistd(None, "--log-format", "json", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -125,6 +129,7 @@ def test_json_format_through_twistd(tmp_path) -> None:
     assert closes[0]["namespace"].startswith("echoplug")
 
 
+@pytest.mark.slow
 def test_trace_logs_like_the_original(tmp_path) -> None:
     with twistd(None, "--trace", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -254,6 +259,7 @@ def test_twistd_observer_follows_twistds_choice(tmp_path: Path) -> None:
         twistdObserver({"logfile": "-", "nodaemon": False})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], ["--log-level", "debug"], ["--log-format", "json"]])
 def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str]) -> None:
     """twistd -l FILE: the access line (and the rest) land in FILE, not stdout."""

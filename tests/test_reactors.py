@@ -135,6 +135,7 @@ def test_clean_eof_is_connection_done(lean) -> None:
         a.close()
 
 
+@pytest.mark.slow
 def test_twistd_lists_the_lean_reactors(tmp_path) -> None:
     result = subprocess.run([*twistdCommand(), "--help-reactors"], capture_output=True,
                             text=True, cwd=tmp_path, env=testEnv(), timeout=60)
@@ -149,6 +150,7 @@ def test_reactor_name_of_lean_reactors(name: str) -> None:
     assert reactorName(LEAN[name][0]()) == name
 
 
+@pytest.mark.slow
 def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
     with twistd("echoplug-epoll", cwd=tmp_path) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
@@ -159,6 +161,7 @@ def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
         assert m[1] == "echoplug.factory.EchoFactory#info"
 
 
+@pytest.mark.slow
 def test_in_process_tests_run_on_a_lean_reactor(tmp_path) -> None:
     """ECHOPLUG_TEST_REACTOR (tests/conftest.py) runs pytest-twisted tests on it."""
     from tests.support import ROOT

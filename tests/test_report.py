@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from echoplug.lab import report
 from echoplug.lab.runner import CAPPED, Row
 
@@ -70,6 +72,7 @@ def test_churn_is_per_connection() -> None:
     assert "CPU µs/conn" in text and "conn/s" in text
 
 
+@pytest.mark.slow
 def test_plots_are_pngs(tmp_path) -> None:
     made = report.plot(rows(), tmp_path)
     assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "latency_vs_connections.png"]

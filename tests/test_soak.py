@@ -28,6 +28,7 @@ def test_bad_arguments_are_one_line(capsys) -> None:
     assert "--seconds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_short_soak_every_reactor(tmp_path) -> None:
     """About 2 s per reactor: no mismatch, no traceback, RSS flat."""
     result = subprocess.run(
