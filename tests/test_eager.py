@@ -1,8 +1,8 @@
 """
 Tests of L{echoplug.eager}: the eager write and the immediate close, on real
-loopback and UNIX sockets in-process (pytest-twisted), end to end through
-twistd over UNIX sockets, and the Twisted internals they rely on, pinned so
-that a Twisted upgrade that changes them fails here.
+loopback and UNIX sockets in-process (pytest-twisted), and end to end through
+twistd over UNIX sockets. The Twisted internals they rely on are pinned in
+tests/test__twisted.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """
 Tests of L{echoplug.reactors}: the lean reactors are found by twistd, dispatch
 like Twisted's (a failing connection is logged and dropped, the others go
-on), and the Twisted code they copy or rely on is pinned, so that an upgrade
-that changes it fails here. Echo behaviour on each lean reactor is covered by
-every per-reactor test (tests.support.REACTORS).
+on); the Twisted code they copy or rely on is pinned in tests/test__twisted.py.
+Echo behaviour on each lean reactor is covered by every per-reactor test
+(tests.support.REACTORS).
 """
 
 from __future__ import annotations
