@@ -254,7 +254,7 @@ def _ip(cls: type[ipaddress.IPv4Address | ipaddress.IPv6Address], text: str) -> 
 
 
 def _port(text: str) -> int:
-    # Decimal digits only (int() would take "+1", " 1", "1_0", "١"), no
+    # Decimal digits only (int() would take "+1", " 1", "1_0", Arabic-Indic digits), no
     # leading zero, at most 65535.
     if (not text or not text.isascii() or not text.isdigit()
             or (text[0] == "0" and text != "0") or int(text) > 65535):

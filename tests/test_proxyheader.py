@@ -7,6 +7,7 @@ raises anything but L{ProxyHeaderError}.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import struct
 
 import pytest
@@ -61,7 +62,7 @@ def feedAll(chunks: list[bytes], optional: bool = False) -> Result | None:
 def splits(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 # The spec's examples.
