@@ -24,13 +24,16 @@ nothing per message.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
 from echoplug.logs import formatAddress
 from echoplug.protocol import Echo, TracingEcho
 from echoplug.proxyheader import HeaderParser, ProxyHeaderError, Result
+
+if TYPE_CHECKING:
+    from echoplug.factory import EchoFactory
 
 
 class ProxyEcho(Echo):
@@ -43,6 +46,7 @@ class ProxyEcho(Echo):
     @ivar deadline: the header timeout's call, while it is pending.
     """
 
+    factory: EchoFactory  # the PROXY settings and admit() are the factory's own
     admitted = False
     parser: HeaderParser | None = None
     deadline: Any = None
