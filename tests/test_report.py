@@ -129,7 +129,9 @@ def test_churn_is_per_connection() -> None:
 @pytest.mark.slow
 def test_plots_are_pngs(tmp_path) -> None:
     made = report.plot(rows(), tmp_path)
-    assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "latency_vs_connections.png"]
+    # Several idle counts per server: the dead-connection curve too.
+    assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "dead_connections.png",
+                                            "latency_vs_connections.png"]
     for path in made:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -178,7 +178,7 @@ def test_the_lab_agrees_with_a_blocking_socket_client(tmp_path) -> None:
             independent[1] += blockingLoad(socks, 0.5)
             independent[0] += serverTicks(server.pid) - before
     finally:
-        runner.closeAll(socks)
+        idle.closeAll(socks)
         server.stop()
     labUs = lab[0] * 1e6 / lab[1]
     independentUs = independent[0] * 1e6 / procs.TICKS / independent[1]
