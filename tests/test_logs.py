@@ -88,7 +88,7 @@ def test_access_line_and_debug_open(tmp_path) -> None:
             s.sendall(b"abc")
             assert s.recv(3) == b"abc"
         server.waitFor(r"open 127\.0\.0\.1:\d+")
-        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 3 bytes echoed, closed")
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 3 bytes received, 3 bytes sent, closed")
         assert line
 
 
@@ -98,7 +98,7 @@ def test_default_level_hides_debug(tmp_path) -> None:
             s.sendall(b"abcd")
             s.shutdown(1)  # SHUT_WR
             assert recvAll(s) == b"abcd"
-        server.waitFor(r"close .* 4 bytes echoed")
+        server.waitFor(r"close .* 4 bytes received, 4 bytes sent")
     assert " open 127.0.0.1" not in server.output()
 
 
@@ -107,7 +107,7 @@ def test_warn_level_hides_access_line(tmp_path) -> None:
         with connect(server.port) as s:
             s.sendall(b"abcd")
             assert s.recv(4) == b"abcd"
-    assert "bytes echoed" not in server.output()
+    assert "bytes received" not in server.output()
 
 
 def test_json_format_through_twistd(tmp_path) -> None:
@@ -115,13 +115,14 @@ def test_json_format_through_twistd(tmp_path) -> None:
         with connect(server.port) as s:
             s.sendall(b"abcde")
             assert s.recv(5) == b"abcde"
-        server.waitFor(r'"bytes": 5')
+        server.waitFor(r'"received": 5')
     events = [json.loads(line) for line in server.lines if line.startswith("{")]
     assert events, server.output()
-    closes = [e for e in events if e.get("bytes") == 5]
+    closes = [e for e in events if e.get("received") == 5]
     assert closes and closes[0]["level"] == "info"
     assert closes[0]["peer"].startswith("127.0.0.1:")
-    assert "5 bytes echoed" in closes[0]["message"]
+    assert closes[0]["sent"] == 5
+    assert "5 bytes received, 5 bytes sent" in closes[0]["message"]
     assert closes[0]["namespace"].startswith("echoplug")
 
 
@@ -142,8 +143,9 @@ class Source:
 
 
 LINES = [
-    ("close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
-     {"peer": "[::1]:5", "duration": 0.0123456, "bytes": 10**12, "why": "idle timeout"}),
+    ("close {peer} after {duration:.3f}s, {received} bytes received, {sent} bytes sent, {why}",
+     {"peer": "[::1]:5", "duration": 0.0123456, "received": 10**12, "sent": 10**12 - 1,
+      "why": "idle timeout"}),
     ("open {peer}", {"peer": "/run/echo.sock"}),
     ("{a!r} {a!s} {a} {a:>6} {b:08.2f} {{literal}}", {"a": "x'y", "b": -1.5}),
     ("no fields at all", {}),
@@ -291,13 +293,13 @@ def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str])
             assert recvAll(s, 3) == b"abc"
         log = tmp_path / "echo.log"
         deadline = time.monotonic() + 10
-        while "3 bytes echoed" not in log.read_text() and time.monotonic() < deadline:
+        while "3 bytes received" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         text = log.read_text()
-        assert "3 bytes echoed" in text
+        assert "3 bytes received, 3 bytes sent" in text
         assert "listening on 127.0.0.1" in text
         if "debug" in options:
             assert "open 127.0.0.1:" in text
     finally:
         server.stop()
-    assert "bytes echoed" not in server.output()
+    assert "bytes received" not in server.output()
