@@ -373,7 +373,7 @@ class MetricsSite(Site):
         self.warnings.warn(format + "{more}", more=f" ({n} more metrics-port events since)" if n
                       else "", **fields)
 
-    def log(self, request: Request) -> None:  # type: ignore[override]
+    def log(self, request: Request) -> None:
         pass
 
 
@@ -389,7 +389,7 @@ def makeSite(factory: EchoFactory, reactor: Any) -> MetricsSite:
 
 class MetricsListener(Listener):
     """
-    Serve the metrics site on one endpoint. A L{Listener}, so it binds
+    Serve the metrics site (L{makeSite}) on one endpoint. A L{Listener}, so it binds
     before privileges drop, a port in use is one line, and
     L{EchoService.whenListening} (hence C{READY=1}) waits for it too.
     """

@@ -67,6 +67,7 @@ def unitSettings(name: str) -> dict[str, list[str]]:
     return settings
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_units_verify_without_warnings(tmp_path) -> None:
     copies = installUnits(tmp_path)
@@ -77,6 +78,7 @@ def test_units_verify_without_warnings(tmp_path) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_verify_catches_a_typo(tmp_path) -> None:
     """The check above can fail: a misspelt key is a warning on stderr."""
@@ -88,6 +90,7 @@ def test_verify_catches_a_typo(tmp_path) -> None:
     assert "NoNewPrivilege" in result.stderr
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_security_exposure_is_low(tmp_path) -> None:
     service = installUnits(tmp_path)[1]
@@ -146,6 +149,7 @@ def activate(tmp_path: Path, port: int, endpoint: str, env: dict[str, str]):
     return startProcess(argv, tmp_path, testEnv(env))
 
 
+@pytest.mark.slow
 @needsActivate
 @pytest.mark.parametrize("endpoint", [
     "systemd:domain=INET:name=echoplug",
@@ -163,7 +167,8 @@ def test_socket_activation_echoes(tmp_path, endpoint: str) -> None:
         server.waitFor(rf"listening on 127\.0\.0\.1:{port}, reactor=")
         receiver.waitFor("READY=1")
         assert echoHalfClose(port, [b"again"]) == b"again"
-        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 5 bytes received, 5 bytes sent, closed")
+        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                       r"5 bytes received, 5 bytes sent, closed")
         # twistd replaced systemd-socket-activate (exec), so this stops twistd.
         assert server.stop() in (0, -15)
         receiver.waitFor("STOPPING=1")
@@ -173,6 +178,7 @@ def test_socket_activation_echoes(tmp_path, endpoint: str) -> None:
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.slow
 @needsActivate
 def test_socket_activation_wrong_name_is_one_line(tmp_path) -> None:
     port = freePort()
@@ -188,6 +194,7 @@ def test_socket_activation_wrong_name_is_one_line(tmp_path) -> None:
     assert "--port systemd:domain=INET:name=other: no such socket was passed" in out
 
 
+@pytest.mark.slow
 def test_under_twist_with_text_logs(tmp_path) -> None:
     """
     C{twist} instead of twistd: it writes JSON when stdout is not a TTY (as
@@ -212,6 +219,7 @@ def test_under_twist_with_text_logs(tmp_path) -> None:
     assert "listening on 127.0.0.1:" in server.output()
 
 
+@pytest.mark.slow
 @needsActivate
 def test_socket_activation_two_addresses_by_index(tmp_path) -> None:
     """
