@@ -163,8 +163,7 @@ class EchoFactory(Books):
         if not proto.counted:
             return
         self.connections.discard(proto)
-        # Never below 0: at close, a TLS buffer may hold a few bytes of alerts.
-        sent = max(0, proto.bytesIn - unsentAtClose(proto.transport))
+        sent = proto.bytesIn - unsentBytes(proto.transport)
         self.bytesEchoed += proto.bytesIn
         self.bytesSent += sent
         if proto.peerHost is not None:
@@ -240,22 +239,6 @@ def fileno(transport: Any) -> int:
         return int(socketTransport(transport).fileno())
     except (AttributeError, TypeError, ValueError):
         return -1
-
-
-def unsentAtClose(transport: object) -> int:
-    """
-    Bytes the protocol wrote to C{transport} that never reached the kernel:
-    L{unsentBytes}, and under TLS also the ciphertext still buffered in the
-    socket transport below, counted as the plaintext it carries (a little
-    over: a TLS record adds 22 to 40 bytes in 16 KiB). Without the
-    ciphertext, a TLS client that reads nothing would be logged as sent all
-    it wrote. Once per connection, at close.
-    """
-    unsent = unsentBytes(transport)
-    below = socketTransport(transport)
-    if below is not transport:
-        unsent += unsentBytes(below)
-    return unsent
 
 
 def describeReason(reason: Failure) -> str:

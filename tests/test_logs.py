@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from echoplug.logs import (
     ClassicText,
     JSONLinesObserver,
     LogLine,
+    escape,
     formatAddress,
     makeObserver,
     textObserver,
@@ -57,6 +62,44 @@ def test_format_address() -> None:
     assert formatAddress(IPv6Address("TCP", "::1", 80)) == "[::1]:80"
     assert formatAddress(UNIXAddress(b"/run/e.sock")) == "/run/e.sock"
     assert formatAddress(UNIXAddress(None)) == "unix"
+    assert formatAddress(UNIXAddress(b"\0abstract")) == "@abstract"
+    assert formatAddress(UNIXAddress(b"/x\nclose 1.2.3.4:5\x1b[31m\xff\\")) == (
+        "/x\\nclose 1.2.3.4:5\\x1b[31m\\xff\\\\")
+    assert formatAddress(UNIXAddress("/x\u2028y\x00")) == "/x\\u2028y\\x00"
+
+
+#: What may never reach a log raw: control characters (C0, DEL, C1) and the
+#: Unicode line and paragraph separators.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@given(st.text())
+def test_escape_leaves_one_safe_line(text: str) -> None:
+    escaped = escape(text)
+    assert not UNSAFE.search(escaped)
+    # Nothing else changes: printable text without backslashes is kept.
+    if not UNSAFE.search(text) and "\\" not in text and not re.search(
+            "[\udc80-\udcff\u202a-\u202e\u2066-\u2069]", text):
+        assert escaped == text
+
+
+@given(st.text(), st.text())
+def test_escape_is_unambiguous(a: str, b: str) -> None:
+    if a != b:
+        assert escape(a) != escape(b)
+
+
+def test_json_escapes_what_a_field_carries() -> None:
+    out = io.StringIO()
+    evil = "a\u2028b\u2029c\x1bd\x85e\x00f\né"
+    Logger(namespace="t", observer=makeObserver("json", "info", out)).info(
+        "got {thing}", thing=evil)
+    line = out.getvalue()
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert not UNSAFE.search(line[:-1])
+    assert not re.search("[^\x20-\x7e]", line[:-1])  # ASCII only
+    event = json.loads(line)
+    assert event["thing"] == evil and event["message"] == f"got {evil}"
 
 
 def test_level_filter_and_json() -> None:
@@ -287,3 +330,40 @@ def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str])
     finally:
         server.stop()
     assert "bytes received" not in server.output()
+
+
+EVIL = "x\nclose 6.6.6.6:1 after 0.001s, 1 bytes received, closed\r\x1b[31m\u2028!"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("abstract", [False, True])
+def test_a_unix_peer_cannot_forge_log_lines(tmp_path: Path, fmt: str, abstract: bool) -> None:
+    """
+    A UNIX client names itself: the path it binds is the logged peer. Its
+    newlines, CRs, ESCs, NULs and U+2028 reach neither log format raw.
+    """
+    short = Path(tempfile.mkdtemp(prefix="ep", dir="/tmp"))  # sun_path: 108 bytes
+    path = tmp_path / "echo.sock"
+    with twistd(None, "--port", f"unix:{path}", "--log-level", "debug", "--log-format", fmt,
+                cwd=tmp_path, wait=False) as server:
+        server.waitFor(r"listening on")
+        name: str | bytes = ("\0" + EVIL + "\0nul").encode() if abstract else str(short / EVIL)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(name)
+            s.connect(str(path))
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        server.waitFor("bytes sent")
+    out = server.output()
+    assert not UNSAFE.search(out.replace("\n", ""))
+    assert "6.6.6.6" in out  # the forged text is there, escaped, inside the real line
+    forged = [line for line in server.lines if "6.6.6.6" in line]
+    assert len(forged) == 2  # open and close, each one line
+    shutil.rmtree(short)
+    expected = ("@" + escape(EVIL) + "\\x00nul") if abstract else escape(str(short / EVIL))
+    for line in forged:
+        if fmt == "json":
+            assert json.loads(line)["peer"] == expected
+        else:
+            assert expected in line
