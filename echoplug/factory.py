@@ -81,8 +81,7 @@ class EchoFactory(Books):
     @ivar connections: the open connections.
     @ivar accepted: connections served since start.
     @ivar bytesEchoed: bytes received on closed connections (each one was
-        echoed back, unless the connection was cut first); add
-        C{openBytes()} for the total including open ones.
+        echoed back, unless the connection was cut first).
     @ivar refused: connections closed at once, unserved, because of a cap.
     @ivar maxConnections: the cap on open connections, or C{None}.
     @ivar maxPerPeer: the cap on open connections from one IP, or C{None}.
@@ -136,15 +135,19 @@ class EchoFactory(Books):
         self.logOpen = level <= LEVELS["debug"]
         self.logClose = level <= LEVELS["info"]
         # The access log: one line per connection, built cheaply (LogLine).
+        # Its fields (peer, duration, received, sent, why) are documented in
+        # docs/operations.md; add fields, but do not rename these.
         self.openLine = LogLine(self.log, LogLevel.debug, "open {peer}")
         self.closeLine = LogLine(
             self.log, LogLevel.info,
-            "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}")
+            "close {peer} after {duration:.3f}s, "
+            "{received} bytes received, {sent} bytes sent, {why}")
         # The same lines for a client named by a PROXY header: its balancer too.
         self.openViaLine = LogLine(self.log, LogLevel.debug, "open {peer} via {via}")
         self.closeViaLine = LogLine(
             self.log, LogLevel.info,
-            "close {peer} via {via} after {duration:.3f}s, {bytes} bytes echoed, {why}")
+            "close {peer} via {via} after {duration:.3f}s, "
+            "{received} bytes received, {sent} bytes sent, {why}")
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
@@ -261,8 +264,9 @@ class EchoFactory(Books):
                 self.clock.callLater(0, d.callback, None)
         if not proto.admitted:
             return  # never served: its bad header or refusal is counted already
+        sent = proto.bytesIn - unsentBytes(proto.transport)
         self.bytesEchoed += proto.bytesIn
-        self.bytesSent += proto.bytesIn - unsentBytes(proto.transport)
+        self.bytesSent += sent
         if proto.peerHost is not None:
             left = self.perPeer.pop(proto.peerHost) - 1
             if left:
@@ -272,14 +276,16 @@ class EchoFactory(Books):
                 self.closeLine(
                     peer=self.peerOf(proto.transport),
                     duration=time.monotonic() - proto.started,
-                    bytes=proto.bytesIn,
+                    received=proto.bytesIn,
+                    sent=sent,
                     why=proto.closeReason or describeReason(reason),
                 )
             else:
                 self.closeViaLine(
                     peer=formatAddress(proto.client), via=formatAddress(proto.via),
                     duration=time.monotonic() - proto.started,
-                    bytes=proto.bytesIn,
+                    received=proto.bytesIn,
+                    sent=sent,
                     why=proto.closeReason or describeReason(reason),
                 )
 
@@ -326,14 +332,6 @@ class EchoFactory(Books):
                 # Nothing left to send: a FIN. Stuck with unsent bytes (or
                 # still open a sweep after a FIN): abort.
                 p.close("idle timeout", graceful=mark[1] == 0 and not p.closeReason)
-
-    def openBytes(self) -> int:
-        """Bytes received so far on the connections still open."""
-        return sum(p.bytesIn for p in self.connections)
-
-    def openSentBytes(self) -> int:
-        """Bytes sent so far on the connections still open."""
-        return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
 
     @staticmethod
     def peerOf(transport: ITransport | None) -> str:

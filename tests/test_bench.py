@@ -144,7 +144,7 @@ def test_server_args_variants_measured_in_turns(tmp_path) -> None:
     # Each variant ran with its own arguments: only the default one logged
     # an access line per connection.
     logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
-    assert sum("bytes echoed" in text for text in logs.values()) == 1, list(logs)
+    assert sum("bytes received" in text for text in logs.values()) == 1, list(logs)
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -93,7 +93,8 @@ def test_churn_against_echoplug(cload: Path, tmp_path: Path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         rc, result, _ = run(cload, "--port", str(server.port), "--workload", "churn",
                             "--connections", "2", "--duration", "0.3", "--warmup", "0.1")
-        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 64 bytes echoed, closed")
+        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                       r"64 bytes received, 64 bytes sent, closed")
     assert rc == 0, result
     assert result["workload"] == "churn"
     assert result["messages"] > 0
@@ -170,11 +171,11 @@ def test_sync_protocol(cload: Path, tmp_path: Path) -> None:
             result = json.loads(proc.stdout.readline())
             assert result["error"] is None and result["messages"] > 0
             # Held open: the server has logged no close yet.
-            assert "bytes echoed" not in server.output()
+            assert "bytes received" not in server.output()
             proc.stdin.write("quit\n")
             proc.stdin.flush()
             assert proc.wait(10) == 0
-            server.waitFor("bytes echoed")
+            server.waitFor("bytes received")
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -167,7 +167,8 @@ def test_socket_activation_echoes(tmp_path, endpoint: str) -> None:
         server.waitFor(rf"listening on 127\.0\.0\.1:{port}, reactor=")
         receiver.waitFor("READY=1")
         assert echoHalfClose(port, [b"again"]) == b"again"
-        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 5 bytes echoed, closed")
+        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                       r"5 bytes received, 5 bytes sent, closed")
         # twistd replaced systemd-socket-activate (exec), so this stops twistd.
         assert server.stop() in (0, -15)
         receiver.waitFor("STOPPING=1")
@@ -208,7 +209,7 @@ def test_under_twist_with_text_logs(tmp_path) -> None:
     try:
         receiver.waitFor("READY=1")
         assert echoHalfClose(port, [b"under twist"]) == b"under twist"
-        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 11 bytes echoed")
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 11 bytes received")
         assert not line.string.lstrip().startswith("{")
         assert server.stop() in (0, -15)
         receiver.waitFor("STOPPING=1")

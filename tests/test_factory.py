@@ -237,7 +237,7 @@ def test_idle_timeout_closes_idle_and_paused(tmp_path, reactor: str) -> None:
             time.sleep(0.2)
         idle.settimeout(10)
         assert idle.recv(10) == b""  # closed after 0.5 s idle
-        server.waitFor(r"close .* after [\d.]+s, \d+ bytes echoed, idle timeout")
+        server.waitFor(r"close .* after [\d.]+s, \d+ bytes received, \d+ bytes sent, idle timeout")
         n = sum(1 for line in server.lines if "idle timeout" in line)
         deadline = time.monotonic() + 10
         while n < 2 and time.monotonic() < deadline:

@@ -65,7 +65,6 @@ def test_factory_tracks_connections() -> None:
     assert factory.connections == {proto}
     assert factory.accepted == 1
     proto.dataReceived(b"12345")
-    assert factory.openBytes() == 5
     proto.connectionLost(Failure(ConnectionDone()))
     assert factory.connections == set()
     assert factory.bytesEchoed == 5
