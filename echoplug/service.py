@@ -27,6 +27,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from echoplug._twisted import guardUNIXAccept
 from echoplug.factory import EchoFactory
 from echoplug.logs import formatAddress
 
@@ -148,6 +149,9 @@ class Listener(Service):
     def _listening(self, port: IListeningPort) -> None:
         from twisted.internet import reactor
 
+        # A UNIX client bound to a 4-character name would make Twisted's
+        # accept loop raise (a traceback per connection): see _twisted.py.
+        guardUNIXAccept(port)
         self.port = port
         name = reactorName(reactor)
         self.log.info(
