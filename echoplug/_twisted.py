@@ -1,91 +1,345 @@
 # -*- test-case-name: tests.test__twisted -*-
 """
-The one place where echoplug reads (or sets) names that Twisted keeps private,
-or relies on Twisted code behaving just so. tests/test__twisted.py pins each
-one, so an upgrade that changes them fails the tests instead of silently
-losing data, limits or speed.
+Every read of a private or undocumented Twisted name, in one place.
 
-What is read, and why:
+Twisted's public interfaces cannot say how many bytes a transport still has
+to send, cannot send at once, and cannot hand out the file behind twistd's
+log observer. echoplug needs those, so it reads some of Twisted's internals.
+They are all here, and nowhere else in echoplug, so that a reader sees what
+echoplug relies on, and tests/test__twisted.py pins each one: a Twisted
+upgrade that changes them fails the tests instead of silently losing data or
+speed.
 
-    C{FileDescriptor.dataBuffer}, C{offset}, C{_tempDataLen}
-        L{pendingBytes}: bytes written but not yet sent (idle sweep,
-        buffer bound).
-    C{FileDescriptor.bufferSize}
-        L{setReadSize}: both the size of each C{recv} and the send-buffer
-        size above which a streaming producer is paused; the buffer bound
-        lowers it per transport as the total nears the bound.
-    C{FileDescriptor.producerPaused}
-        L{watchDrain}: Twisted calls a registered streaming producer's
-        C{resumeProducing} when the send buffer empties only if this flag is
-        set; the buffer bound sets it to learn when a connection's buffer
-        has drained.
-    C{endpoints._parse}
-        L{endpointArguments}: the arguments of an endpoint description, to
-        add a default (C{backlog=}, C{mode=}) only where none was given.
-    C{tcp.Port.doRead} treating a 4-item address as IPv6
-        L{guardUNIXAccept}: a UNIX client bound to a 4-character name must
-        not make the accept loop raise.
+    ==================================  ==========================  ===========================
+    Name                                What it is                  Why echoplug reads it
+    ==================================  ==========================  ===========================
+    FileDescriptor.dataBuffer, offset,  a socket transport's        unsentBytes: the idle sweep
+    _tempDataBuffer, _tempDataLen       unsent bytes (joined, sent  and the bytes-sent metric;
+                                        up to offset; not joined)   eagerWrite keeps the order
+    FileDescriptor.producerPaused,      a paused transport; a       eagerWrite, idle: leave
+    disconnecting, _writeDisconnecting  close under way (lose,      those to the transport's
+    tcp.Connection._aborting            half-close, abort)          own write path
+    FileDescriptor.connected, producer  open; a producer is set     idle: close at once
+    tcp.Connection.TLS                  startTLS() was called       usesTLS: no plaintext
+                                                                    past TLS
+    tcp.Connection.socket               the connected socket        eagerWrite: send at once
+    TLSMemoryBIOProtocol._appSendBuffer plaintext not yet given     unsentBytes: bytes sent
+                                        to OpenSSL                  under TLS
+    _twistd_unix.UnixAppLogger          the observer twistd would   twistdLogObserver: log
+    ._getLogObserver                    log to (stdout, -l FILE,    where twistd would
+                                        syslog, a daemon's file)
+    FileLogObserver._outFile            a text observer's file      observerFile: same file
+    reactor._selectables,               the posix reactors' table   dispatch, epollDoPoll,
+    _doReadOrWrite, _poller             of descriptors, their       pollDoPoll: the lean
+                                        handler, the poll object    reactors
+    reactor._reads, _writes,            the select reactor's sets,  selectDoSelect: the lean
+    _preenDescriptors,                  its clean-up after a bad    select reactor
+    selectreactor._select               descriptor, select.select
+    EPollReactor.doPoll,                the methods the lean        copied here without
+    PollReactor.doPoll,                 reactors replace            log.callWithLogger; their
+    SelectReactor.doSelect                                          source is pinned by hash
+    event key log_flattened             pre-rendered fields, keyed  logs.LogLine fills it;
+                                        "name!conversion:spec"      formatEvent reads it
+    pytest_twisted._install_reactor     pytest-twisted's installer  installTestReactor: the
+                                                                    tests' reactor by name
+    ==================================  ==========================  ===========================
+
+The eager write's closure (L{eagerWrite}) runs once per message: it reads
+the attributes directly, with no call in between, as fast as it was when it
+lived in L{echoplug.eager}, which decides when to use it.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import IO, Any
 
-from twisted.internet import abstract, endpoints
+from twisted.internet import abstract, endpoints, main, selectreactor
+from twisted.logger import FileLogObserver
+from twisted.python import log
+from twisted.python.failure import Failure
 
-try:
-    from twisted.internet import unix
-except ImportError:  # pragma: no cover - platforms without AF_UNIX
-    unix = None  # type: ignore[assignment]
-
-#: What Twisted reads per C{recv} and buffers before pausing a producer.
-DEFAULT_BUFFER_SIZE: int = abstract.FileDescriptor.bufferSize
+# Transports: what is left to send.
 
 
-def bottom(transport: Any) -> Any:
-    """The socket transport under C{transport}: TLS wraps the TCP one."""
+def socketTransport(transport: Any) -> Any:
+    """
+    The socket transport under C{transport}: TLS wraps the TCP one, so look
+    through wrappers (C{.transport}) to the one with a C{dataBuffer}.
+    """
     while not hasattr(transport, "dataBuffer") and hasattr(transport, "transport"):
         transport = transport.transport
     return transport
 
 
-def pendingBytes(transport: Any) -> int:
+def unsentBytes(transport: object) -> int:
     """
-    Bytes written but not yet sent, from the fields of Twisted's
-    C{FileDescriptor} (every POSIX reactor, asyncio included); 0 if unknown.
+    Bytes written to C{transport} that it has not yet handed on; 0 if it
+    keeps no such count (a test's C{StringTransport}).
+
+    Twisted's socket transports (C{FileDescriptor}, under every reactor
+    echoplug runs on) keep them in C{dataBuffer} from C{offset} on, plus
+    C{_tempDataLen} bytes not yet joined to it; both survive
+    C{connectionLost}, so this works at close time too. A TLS transport
+    keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}: the bytes
+    the protocol wrote, as C{bytesIn} counts them. For the ciphertext still
+    in the kernel's way, ask C{unsentBytes(socketTransport(t))}.
     """
-    t = bottom(transport)
+    buffered = getattr(transport, "dataBuffer", None)
+    if buffered is not None:
+        return (len(buffered) - getattr(transport, "offset", 0)
+                + getattr(transport, "_tempDataLen", 0))
+    pending = getattr(transport, "_appSendBuffer", None)
+    if pending:
+        return sum(len(chunk) for chunk in pending)
+    return 0
+
+
+def usesTLS(transport: Any) -> bool:
+    """C{startTLS()} was called on this TCP transport (C{tcp.Connection.TLS})."""
+    return bool(transport.TLS)
+
+
+def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+    """
+    A write function for a plain TCP or UNIX transport (L{echoplug.eager}
+    decides which) that calls C{socket.send} at once when nothing is queued,
+    no producer is paused and no close is under way, and hands only the
+    remainder to C{transport.write}, so the transport's own buffering,
+    producer pausing, half-close and abort logic see exactly what they
+    would have seen otherwise.
+    """
+    send = transport.socket.send
+    write = transport.write
+
+    def eagerWrite(data: bytes) -> None:
+        t = transport
+        if (t.dataBuffer or t._tempDataBuffer or t.producerPaused or t.disconnecting
+                or t._aborting or t._writeDisconnecting):
+            # Something is queued, or a close is under way: keep the order.
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            # EAGAIN (the kernel buffer is full), or an error such as a reset:
+            # the transport buffers the data and finds the error itself on
+            # its next turn, exactly as if we had never tried.
+            sent = 0
+        if sent < len(data):
+            write(data[sent:])
+
+    return eagerWrite
+
+
+def idle(transport: Any) -> bool:
+    """
+    Nothing is queued on this connected socket transport, no producer is
+    registered and no close is under way: C{FileDescriptor} would close it
+    on its next write turn.
+    """
+    return bool(transport.connected and transport.producer is None
+                and not transport.dataBuffer and not transport._tempDataBuffer
+                and not transport.disconnecting and not transport._aborting
+                and not transport._writeDisconnecting)
+
+
+def closeNow(transport: Any) -> None:
+    """
+    The steps C{FileDescriptor} takes when its buffer is flushed after
+    C{loseConnection}: stop reading and writing, C{connectionLost} with
+    C{ConnectionDone}. Only for a transport that is L{idle}.
+    """
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+# twistd's log observer.
+
+
+def twistdLogObserver(serverOptions: Any) -> Any:
+    """
+    The observer twistd itself would log to for C{serverOptions}, from its
+    own C{UnixAppLogger}, so echoplug follows twistd's rules for C{-n},
+    C{-l}, C{--syslog} and daemons instead of repeating them: a
+    C{FileLogObserver}, or a legacy observer (C{twisted.python.log}) for
+    C{--syslog}.
+    """
+    from twisted.scripts._twistd_unix import UnixAppLogger
+
+    return UnixAppLogger(serverOptions)._getLogObserver()
+
+
+def observerFile(observer: FileLogObserver) -> IO[Any]:
+    """The file a C{FileLogObserver} writes to."""
+    return observer._outFile
+
+
+# The lean reactors: Twisted's doPoll and doSelect without a log context
+# per event. Each is Twisted's method line for line, but for the dispatch;
+# tests/test__twisted.py pins the source of the methods copied.
+
+
+def dispatch(reactor: Any, events: Iterable[tuple[int, int]]) -> None:
+    """
+    Run C{reactor._doReadOrWrite} for each C{(fd, event)} of a poll, as the
+    stock C{doPoll} does but without C{log.callWithLogger}.
+    """
+    selectables = reactor._selectables
+    doReadOrWrite = reactor._doReadOrWrite
+    for fd, event in events:
+        try:
+            selectable = selectables[fd]
+        except KeyError:
+            # One selectable's handler disconnected another.
+            continue
+        try:
+            doReadOrWrite(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            failed(selectable)
+
+
+def failed(selectable: Any) -> None:
+    """
+    Log the exception being handled with the selectable's log prefix, as
+    C{log.callWithLogger} would have. Call only from an C{except} block.
+    """
     try:
-        return len(t.dataBuffer) - t.offset + t._tempDataLen  # type: ignore[no-any-return]
-    except AttributeError:
-        return 0
+        system = selectable.logPrefix()
+    except BaseException:
+        system = "(buggy logPrefix method)"
+    log.err(system=system)
+
+
+def epollDoPoll(self: Any, timeout: float | None) -> None:
+    """C{EPollReactor.doPoll}, dispatching with L{dispatch}."""
+    if timeout is None:
+        timeout = -1  # Wait indefinitely.
+    try:
+        # At most as many events as descriptors, as the stock reactor.
+        events = self._poller.poll(timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    dispatch(self, events)
+
+
+def pollDoPoll(self: Any, timeout: float | None) -> None:
+    """C{PollReactor.doPoll}, dispatching with L{dispatch}."""
+    if timeout is not None:
+        timeout = int(timeout * 1000)  # poll() takes milliseconds.
+    try:
+        events = self._poller.poll(timeout)
+    except OSError as e:
+        if e.args[0] == errno.EINTR:
+            return
+        raise
+    dispatch(self, events)
+
+
+def selectDoSelect(self: Any, timeout: float | None) -> None:
+    """
+    C{SelectReactor.doSelect}, calling C{_doReadOrWrite} directly instead of
+    through C{log.callWithLogger}. The error handling is Twisted's, line for
+    line.
+    """
+    try:
+        r, w, _ = selectreactor._select(self._reads, self._writes, [], timeout)
+    except ValueError:
+        # Possibly a file descriptor has gone negative, or is >= FD_SETSIZE.
+        self._preenDescriptors()
+        return
+    except TypeError:
+        # Something totally invalid was passed.
+        log.err()
+        self._preenDescriptors()
+        return
+    except OSError as se:
+        if se.args[0] in (0, 2):
+            # Windows does this if it got an empty list.
+            if (not self._reads) and (not self._writes):
+                return
+            raise
+        if se.args[0] == errno.EINTR:
+            return
+        if se.args[0] == errno.EBADF:
+            self._preenDescriptors()
+            return
+        raise
+
+    doReadOrWrite = self._doReadOrWrite
+    for selectables, method, fdset in (
+        (r, "doRead", self._reads),
+        (w, "doWrite", self._writes),
+    ):
+        for selectable in selectables:
+            # Skip one that an earlier handler in this turn removed.
+            if selectable not in fdset:
+                continue
+            try:
+                doReadOrWrite(selectable, method)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                failed(selectable)
+
+
+# pytest-twisted (the tests' reactor).
+
+
+def installTestReactor(installer: Callable[[], None]) -> None:
+    """
+    Have pytest-twisted install its reactor with C{installer}, expecting
+    whatever reactor that installs: pytest-twisted's documented hook for
+    other reactors (C{reactor_installers}) calls this private function.
+    """
+    import pytest_twisted
+
+    pytest_twisted._install_reactor(reactor_installer=installer, reactor_type=object)
+
+
+# The buffer bound: read size, and learning when a send buffer has drained.
+
+#: What Twisted reads per C{recv} and buffers before pausing a producer.
+DEFAULT_BUFFER_SIZE: int = abstract.FileDescriptor.bufferSize
 
 
 def setReadSize(transport: Any, size: int) -> None:
     """
     Make the socket transport under C{transport} read at most C{size} bytes
-    per C{recv}, and pause its producer once more than C{size} bytes wait to
-    be sent: Twisted uses C{bufferSize} for both.
+    per C{recv}, and pause its streaming producer once more than C{size}
+    bytes wait to be sent: C{FileDescriptor} uses C{bufferSize} for both.
     """
-    t = bottom(transport)
+    t = socketTransport(transport)
     if hasattr(t, "dataBuffer"):
         t.bufferSize = size
 
 
 def watchDrain(transport: Any) -> None:
     """
-    Ask C{transport} to call its streaming producer's C{resumeProducing}
-    once its send buffer is empty, as it does after pausing the producer
-    (C{FileDescriptor.doWrite}), without pausing it.
+    Have C{transport} call its streaming producer's C{resumeProducing} once
+    its send buffer is empty, as C{FileDescriptor.doWrite} does after it has
+    paused the producer, without pausing it: the flag is all doWrite reads.
     """
     transport.producerPaused = True
 
 
+# Endpoint descriptions.
+
+
 def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
     """The positional and keyword arguments of an endpoint description."""
-    args, kw = endpoints._parse(description)  # type: ignore[attr-defined]
+    args, kw = endpoints._parse(description)
     return list(args), dict(kw)
+
+
+# UNIX listeners: peer names of 4 characters.
 
 
 class _Name(tuple):  # type: ignore[type-arg]
@@ -101,7 +355,7 @@ def _unwrap(name: Any) -> Any:
 class _GuardedAccept:
     """
     A listening socket whose C{accept} hides a 4-character peer name in a
-    L{_Name}: C{tcp.Port.doRead} takes any address of length 4 for an IPv6
+    L{_Name}. C{tcp.Port.doRead} takes any address of length 4 for an IPv6
     4-tuple and calls C{getnameinfo} on it, which raises C{TypeError} for a
     UNIX name such as C{"abcd"} or an abstract C{b"\\0abc"}, inside the
     accept loop: a traceback per connection, and the client reset.
@@ -122,13 +376,17 @@ class _GuardedAccept:
         return getattr(self._socket, name)
 
 
-if unix is not None:
+try:
+    from twisted.internet import unix
+except ImportError:  # pragma: no cover - platforms without AF_UNIX
+    unix = None  # type: ignore[assignment]
+else:
 
     class GuardedUNIXPort(unix.Port):
         """
-        C{unix.Port} for a socket wrapped in L{_GuardedAccept}: it unwraps
-        the peer's name where C{doRead} hands it on, to C{_buildAddr} and to
-        the transport.
+        C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
+        peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
+        transport class.
         """
 
         def _buildAddr(self, name: Any) -> Any:
