@@ -342,7 +342,7 @@ def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
 # UNIX listeners: peer names of 4 characters.
 
 
-class _Name(tuple):  # type: ignore[type-arg]
+class _Name(tuple[Any, ...]):
     """A UNIX peer name, held in a 1-tuple so that its length is never 4."""
 
     __slots__ = ()
@@ -393,7 +393,8 @@ else:
             return super()._buildAddr(_unwrap(name))
 
         @staticmethod
-        def transport(skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+        def transport(  # type: ignore[override]
+                skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
                       reactor: Any) -> Any:
             # The plain class, exactly: echoplug.eager recognises it.
             return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
