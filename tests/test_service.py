@@ -414,3 +414,29 @@ def test_caps_over_tls_close_without_traceback(tmp_path) -> None:
         assert served(first)
         server.waitFor(r"refused 127\.0\.0\.1:\d+: at --max-connections 1")
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_unix_clients_with_four_character_names(tmp_path, monkeypatch) -> None:
+    """
+    Twisted's accept loop takes a 4-character UNIX peer name for an IPv6
+    address and raises: every such client was reset, with a traceback
+    each. The listener guards its UNIX ports, however many clients try.
+    """
+    sock = tmp_path / "echo.sock"
+    monkeypatch.chdir(tmp_path)  # the relative names bind here
+    with twistd(None, "--port", "tcp:0:interface=127.0.0.1", "--port", f"unix:{sock}",
+                cwd=tmp_path) as server:
+        names: list[str | bytes] = [f"c{i:03d}" for i in range(20)]
+        names += [f"\0a{i:02d}".encode() for i in range(20)]  # abstract: b"\0a00"
+        names += ["ab", "abcde"]  # other lengths, as before
+        for name in names:
+            with socket.socket(socket.AF_UNIX) as u:
+                u.settimeout(10)
+                u.bind(name)
+                u.connect(str(sock))
+                assert served(u), name
+        server.waitFor(r"close c019 after")
+    out = server.output()
+    assert "Traceback" not in out and "Unhandled Error" not in out
+    assert out.count(" bytes ") >= len(names)
