@@ -102,14 +102,16 @@ def usesTLS(transport: Any) -> bool:
     return bool(transport.TLS)
 
 
-def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+def eagerWrite(transport: Any,
+               queued: Callable[[], None] | None = None) -> Callable[[bytes], None]:
     """
     A write function for a plain TCP or UNIX transport (L{echoplug.eager}
     decides which) that calls C{socket.send} at once when nothing is queued,
     no producer is paused and no close is under way, and hands only the
     remainder to C{transport.write}, so the transport's own buffering,
     producer pausing, half-close and abort logic see exactly what they
-    would have seen otherwise.
+    would have seen otherwise. C{queued}, if given, is called after the
+    remainder of a send went into the empty buffer: off the fast path.
     """
     send = transport.socket.send
     write = transport.write
@@ -130,6 +132,8 @@ def eagerWrite(transport: Any) -> Callable[[bytes], None]:
             sent = 0
         if sent < len(data):
             write(data[sent:])
+            if queued is not None:
+                queued()
 
     return eagerWrite
 

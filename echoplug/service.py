@@ -186,9 +186,10 @@ class EchoService(MultiService):
     """
 
     log = Logger()
-    #: The sweep runs this many times per idle timeout, so a connection is
+    #: The sweep runs this many times per idle timeout, each over a share of
+    #: the connections, so that each is checked every half timeout and
     #: closed after between 1 and 1.5 timeouts without traffic.
-    sweepsPerTimeout = 4
+    sweepsPerTimeout = 16
 
     def __init__(
         self,
@@ -277,7 +278,9 @@ class EchoService(MultiService):
             self._sweeper = task.LoopingCall(self.factory.sweepIdle)
             self._sweeper.clock = self.reactor
             # Never more often than 20 times a second, however short the timeout.
-            self._sweeper.start(max(timeout / self.sweepsPerTimeout, 0.05), now=False)
+            interval = max(timeout / self.sweepsPerTimeout, 0.05)
+            self.factory.setSweeps(round(timeout / interval))
+            self._sweeper.start(interval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -320,6 +323,8 @@ class EchoService(MultiService):
         self._drainTimer = None
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self.factory.bound is not None:
+            self.factory.bound.stop()
         d = self._draining
         if d is not None and not d.called:
             d.callback(None)

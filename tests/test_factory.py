@@ -104,6 +104,7 @@ def test_refusal_log_is_rate_limited() -> None:
 def test_idle_sweep_closes_only_idle_connections() -> None:
     clock = Clock()
     factory = EchoFactory(idleTimeout=10, clock=clock)
+    factory.setSweeps(5)  # a sweep every 2 s
     idle, busy = open_(factory), open_(factory)
     assert idle is not None and busy is not None
     for _ in range(8):  # 16 s: busy receives something every 2 s
@@ -119,6 +120,7 @@ def test_idle_sweep_closes_only_idle_connections() -> None:
 def test_idle_sweep_aborts_a_connection_stuck_with_unsent_bytes() -> None:
     clock = Clock()
     factory = EchoFactory(idleTimeout=1, clock=clock)
+    factory.setSweeps(2)
     proto = open_(factory)
     assert proto is not None
     transport = proto.transport
@@ -126,9 +128,9 @@ def test_idle_sweep_aborts_a_connection_stuck_with_unsent_bytes() -> None:
     transport.dataBuffer, transport.offset = b"", 0
     aborted = []
     transport.abortConnection = lambda: aborted.append(True)
-    for _ in range(3):
+    for _ in range(4):
         factory.sweepIdle()
-        clock.advance(0.6)
+        clock.advance(0.5)
     assert aborted and proto.closeReason == "idle timeout"
 
 
