@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,6 +79,11 @@ class Echo(Protocol):
     idleSince = 0  # the idle sweep's generation when idleMark last changed
     idleSlot = -1  # the idle sweep's bucket that holds this connection
     held = 0  # bytes counted against --max-buffered (factory.bound)
+    # Under the PROXY protocol (echoplug.proxied): served only once the
+    # header is read; the client it names, and the balancer it came through.
+    admitted = True
+    client: IPv4Address | IPv6Address | None = None  # None: the transport's peer
+    via: IAddress | None = None
 
     def connectionMade(self) -> None:
         # The protocol is the transport's streaming producer: when the send

@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from echoplug._twisted import endpointArguments
-from echoplug.factory import DEFAULT_PEER_PREFIX, EchoFactory, Keepalive
+from echoplug.factory import DEFAULT_PEER_PREFIX, PROXY_MODES, EchoFactory, Keepalive
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
 
@@ -234,6 +234,14 @@ class Options(usage.Options):
          "apart; unacknowledged data for as long closes it too). 0: off."],
         ["peer-prefix", None, DEFAULT_PEER_PREFIX, "V4,V6: --max-connections-per-peer "
          "counts the clients of one IPv4 /V4 or IPv6 /V6 network as one peer."],
+        ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
+         "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
+         "required (close a connection without one), optional (serve one without it "
+         "as plain echo) or off. The client it names is the peer everywhere. Trust: "
+         "anyone who can connect can claim any address, so let only the balancer "
+         "reach such a listener."],
+        ["proxy-timeout", None, "5", "Close a connection that has not sent its whole "
+         "PROXY header within this many seconds. 0: never."],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
@@ -243,6 +251,7 @@ class Options(usage.Options):
         optActions={
             "log-level": usage.CompleteList(list(LEVELS)),
             "log-format": usage.CompleteList(list(FORMATS)),
+            "proxy-protocol": usage.CompleteList(list(PROXY_MODES)),
         }
     )
 
@@ -279,6 +288,10 @@ class Options(usage.Options):
             )
         self["idle-timeout"] = seconds("--idle-timeout", self["idle-timeout"] or "0") or None
         self["drain-timeout"] = seconds("--drain-timeout", self["drain-timeout"])
+        self["proxy-timeout"] = seconds("--proxy-timeout", self["proxy-timeout"])
+        if self["proxy-protocol"] not in PROXY_MODES:
+            raise usage.UsageError(f"--proxy-protocol {self['proxy-protocol']!r}: choose one "
+                                   f"of {', '.join(PROXY_MODES)}")
         for cap in ("max-connections", "max-connections-per-peer"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
@@ -295,6 +308,13 @@ class Options(usage.Options):
                          asked=self["backlog"], cap=kernelCap)
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
+        if self["proxy-protocol"] != "off":
+            for d in self["ports"]:
+                if d.startswith(("ssl:", "tls:")):
+                    # The header comes before the TLS handshake, but TLS wraps
+                    # the echo protocol: the header would reach OpenSSL.
+                    raise usage.UsageError(f"--proxy-protocol does not work with TLS "
+                                           f"listeners ({d}): let the balancer end TLS")
         self["endpoints"] = [(d, parseEndpoint(withDefaults(d, self["backlog"])))
                              for d in self["ports"]]
         if self["metrics"] is not None:
@@ -329,6 +349,8 @@ def makeService(config: Options) -> IService:
         maxBuffered=config["max-buffered"],
         keepalive=config["keepalive"],
         peerPrefix=config["peer-prefix"],
+        proxyProtocol=config["proxy-protocol"],
+        proxyTimeout=config["proxy-timeout"],
     )
     service = EchoService(factory, logObserver=logObserver(config),
                           drainTimeout=config["drain-timeout"])
