@@ -239,3 +239,29 @@ def test_guard_leaves_other_ports_alone() -> None:
     other = Other()
     _twisted.guardUNIXAccept(other)
     assert type(other) is Other and type(other.socket) is object
+
+
+# The buffer bound: bufferSize, producerPaused, endpoint arguments.
+
+
+def test_pinned_buffer_size_is_read_size_and_pause_threshold() -> None:
+    """setReadSize rests on bufferSize being both, looked up on the instance."""
+    assert "self.socket.recv(self.bufferSize)" in inspect.getsource(tcp.Connection.doRead)
+    assert "> self.bufferSize" in inspect.getsource(FileDescriptor._isSendBufferFull)
+    assert "self._maybePauseProducer()" in inspect.getsource(FileDescriptor.write)
+    assert _twisted.DEFAULT_BUFFER_SIZE == FileDescriptor.bufferSize == 65536
+
+
+def test_pinned_drain_resumes_a_producer_marked_paused() -> None:
+    """watchDrain rests on doWrite resuming a streaming producer on this flag alone."""
+    source = inspect.getsource(FileDescriptor.doWrite)
+    assert "(not self.streamingProducer) or self.producerPaused" in source
+    assert "self.producerPaused = False\n                self.producer.resumeProducing()" in (
+        source)
+
+
+def test_endpoint_arguments() -> None:
+    assert _twisted.endpointArguments("unix:/x\\:y.sock:mode=600") == (
+        ["unix", "/x:y.sock"], {"mode": "600"})
+    assert _twisted.endpointArguments("tcp:port=1:backlog=9") == (
+        ["tcp"], {"port": "1", "backlog": "9"})
