@@ -362,7 +362,7 @@ def test_keepalive_finds_a_peer_that_vanished(tmp_path) -> None:
     """
     if os.geteuid() != 0:
         pytest.skip("TCP_REPAIR needs CAP_NET_ADMIN")
-    with twistd(None, "--keepalive", "1", cwd=tmp_path) as server:
+    with twistd(None, "--keepalive", "1", "--drain-timeout", "0", cwd=tmp_path) as server:
         gone = connect(server.port)
         kept = connect(server.port)  # a quiet client that is still there
         assert served(gone) and served(kept)
