@@ -52,10 +52,11 @@ lived in L{echoplug.eager}, which decides when to use it.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.internet import main, selectreactor
+from twisted.internet import abstract, endpoints, main, selectreactor
 from twisted.logger import FileLogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
@@ -101,14 +102,16 @@ def usesTLS(transport: Any) -> bool:
     return bool(transport.TLS)
 
 
-def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+def eagerWrite(transport: Any,
+               queued: Callable[[], None] | None = None) -> Callable[[bytes], None]:
     """
     A write function for a plain TCP or UNIX transport (L{echoplug.eager}
     decides which) that calls C{socket.send} at once when nothing is queued,
     no producer is paused and no close is under way, and hands only the
     remainder to C{transport.write}, so the transport's own buffering,
     producer pausing, half-close and abort logic see exactly what they
-    would have seen otherwise.
+    would have seen otherwise. C{queued}, if given, is called after the
+    remainder of a send went into the empty buffer: off the fast path.
     """
     send = transport.socket.send
     write = transport.write
@@ -129,6 +132,8 @@ def eagerWrite(transport: Any) -> Callable[[bytes], None]:
             sent = 0
         if sent < len(data):
             write(data[sent:])
+            if queued is not None:
+                queued()
 
     return eagerWrite
 
@@ -301,3 +306,111 @@ def installTestReactor(installer: Callable[[], None]) -> None:
     import pytest_twisted
 
     pytest_twisted._install_reactor(reactor_installer=installer, reactor_type=object)
+
+
+# The buffer bound: read size, and learning when a send buffer has drained.
+
+#: What Twisted reads per C{recv} and buffers before pausing a producer.
+DEFAULT_BUFFER_SIZE: int = abstract.FileDescriptor.bufferSize
+
+
+def setReadSize(transport: Any, size: int) -> None:
+    """
+    Make the socket transport under C{transport} read at most C{size} bytes
+    per C{recv}, and pause its streaming producer once more than C{size}
+    bytes wait to be sent: C{FileDescriptor} uses C{bufferSize} for both.
+    """
+    t = socketTransport(transport)
+    if hasattr(t, "dataBuffer"):
+        t.bufferSize = size
+
+
+def watchDrain(transport: Any) -> None:
+    """
+    Have C{transport} call its streaming producer's C{resumeProducing} once
+    its send buffer is empty, as C{FileDescriptor.doWrite} does after it has
+    paused the producer, without pausing it: the flag is all doWrite reads.
+    """
+    transport.producerPaused = True
+
+
+# Endpoint descriptions.
+
+
+def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """The positional and keyword arguments of an endpoint description."""
+    args, kw = endpoints._parse(description)
+    return list(args), dict(kw)
+
+
+# UNIX listeners: peer names of 4 characters.
+
+
+class _Name(tuple[Any, ...]):
+    """A UNIX peer name, held in a 1-tuple so that its length is never 4."""
+
+    __slots__ = ()
+
+
+def _unwrap(name: Any) -> Any:
+    return name[0] if type(name) is _Name else name
+
+
+class _GuardedAccept:
+    """
+    A listening socket whose C{accept} hides a 4-character peer name in a
+    L{_Name}. C{tcp.Port.doRead} takes any address of length 4 for an IPv6
+    4-tuple and calls C{getnameinfo} on it, which raises C{TypeError} for a
+    UNIX name such as C{"abcd"} or an abstract C{b"\\0abc"}, inside the
+    accept loop: a traceback per connection, and the client reset.
+    """
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        skt, name = self._socket.accept()
+        if len(name) == 4:
+            name = _Name((name,))
+        return skt, name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
+
+
+try:
+    from twisted.internet import unix
+except ImportError:  # pragma: no cover - platforms without AF_UNIX
+    unix = None  # type: ignore[assignment]
+else:
+
+    class GuardedUNIXPort(unix.Port):
+        """
+        C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
+        peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
+        transport class.
+        """
+
+        def _buildAddr(self, name: Any) -> Any:
+            return super()._buildAddr(_unwrap(name))
+
+        @staticmethod
+        def transport(  # type: ignore[override]
+                skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+                      reactor: Any) -> Any:
+            # The plain class, exactly: echoplug.eager recognises it.
+            return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
+
+
+def guardUNIXAccept(port: Any) -> None:
+    """
+    Make a listening C{unix.Port} (however it was made: a C{unix:} endpoint,
+    systemd, an adopted descriptor) accept clients bound to 4-character
+    names. Any other port is left as it is.
+    """
+    if unix is None or type(port) is not unix.Port or not hasattr(port, "socket"):
+        return
+    port.__class__ = GuardedUNIXPort
+    port.socket = _GuardedAccept(port.socket)

@@ -131,6 +131,15 @@ class EchoCollector(Collector):
         for reason, n in f.headerFailures.items():
             failures.add_metric([reason], n)
         yield failures
+        bound = f.bound
+        yield GaugeMetricFamily(
+            "echoplug_buffered_bytes",
+            "Bytes counted against --max-buffered now (held, or that may be, waiting to be "
+            "echoed).", value=0 if bound is None else bound.total)
+        yield CounterMetricFamily(
+            "echoplug_buffer_stalls",
+            "Connections stopped from reading because --max-buffered was reached.",
+            value=0 if bound is None else bound.stalls)
         yield InfoMetricFamily(
             "echoplug", "echoplug's version and the Twisted reactor it runs on.",
             value={"version": __version__, "reactor": self.reactor,

@@ -29,6 +29,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from echoplug._twisted import guardUNIXAccept
 from echoplug.factory import EchoFactory
 from echoplug.logs import formatAddress
 
@@ -157,6 +158,9 @@ class Listener(Service):
     def _listening(self, port: IListeningPort) -> None:
         from twisted.internet import reactor
 
+        # A UNIX client bound to a 4-character name would make Twisted's
+        # accept loop raise (a traceback per connection): see _twisted.py.
+        guardUNIXAccept(port)
         self.port = port
         name = reactorName(reactor)
         self.log.info(
@@ -219,9 +223,10 @@ class EchoService(MultiService):
     """
 
     log = Logger()
-    #: The sweep runs this many times per idle timeout, so a connection is
+    #: The sweep runs this many times per idle timeout, each over a share of
+    #: the connections, so that each is checked every half timeout and
     #: closed after between 1 and 1.5 timeouts without traffic.
-    sweepsPerTimeout = 4
+    sweepsPerTimeout = 16
 
     def __init__(
         self,
@@ -312,7 +317,9 @@ class EchoService(MultiService):
             self._sweeper = task.LoopingCall(self.factory.sweepIdle)
             self._sweeper.clock = self.reactor
             # Never more often than 20 times a second, however short the timeout.
-            self._sweeper.start(max(timeout / self.sweepsPerTimeout, 0.05), now=False)
+            interval = max(timeout / self.sweepsPerTimeout, 0.05)
+            self.factory.setSweeps(round(timeout / interval))
+            self._sweeper.start(interval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -355,6 +362,8 @@ class EchoService(MultiService):
         self._drainTimer = None
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self.factory.bound is not None:
+            self.factory.bound.stop()
         d = self._draining
         if d is not None and not d.called:
             d.callback(None)

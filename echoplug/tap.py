@@ -10,19 +10,34 @@ bound localhost; anything else is a Twisted server endpoint string
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from echoplug.factory import PROXY_MODES, EchoFactory
+from echoplug._twisted import endpointArguments
+from echoplug.factory import DEFAULT_PEER_PREFIX, PROXY_MODES, EchoFactory, Keepalive
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
 
 DEFAULT_PORT = "10000"
+#: The listen backlog, as in the shipped socket unit (Backlog=4096); the
+#: kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 4096
+#: Mode of a UNIX socket's file: owner and group may connect, others not.
+DEFAULT_UNIX_MODE = "660"
+#: The bound on bytes held in user space for all connections together.
+DEFAULT_MAX_BUFFERED = "64M"
+#: Seconds of silence before the first keepalive probe (see Keepalive).
+DEFAULT_KEEPALIVE = "300"
+#: Endpoint types that take backlog= (and, for UNIX, mode=).
+BACKLOG_TYPES = frozenset({"TCP", "TCP6", "SSL", "UNIX"})
+
+log = Logger(namespace="echoplug")
 
 
 def endpointDescription(port: str, option: str = "--port") -> str:
@@ -65,6 +80,89 @@ def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndp
             why = (f"no such socket was passed by the service manager "
                    f"(LISTEN_FDS/LISTEN_FDNAMES): {why}")
         raise usage.UsageError(f"{option} {description}: {why}") from None
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on a listen backlog (net.core.somaxconn), if known."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def withDefaults(description: str, backlog: int) -> str:
+    """
+    C{description} with echoplug's defaults for what it leaves out: a
+    C{backlog=} for TCP, TLS and UNIX listeners (Twisted's own default is
+    50, so a burst of connects waits for SYN retransmits), and C{mode=660}
+    for a UNIX socket (Twisted's is 0666: any local user could connect).
+    What the description gives is kept; other endpoint types (systemd,
+    whose socket is already listening) are left as they are.
+    """
+    try:
+        args, kw = endpointArguments(description)
+    except Exception:
+        return description  # serverFromString will say what is wrong
+    kind = args[0].upper() if args else ""
+    if kind not in BACKLOG_TYPES:
+        return description
+    if "backlog" not in kw:
+        description += f":backlog={backlog}"
+    if kind == "UNIX" and "mode" not in kw:
+        description += f":mode={DEFAULT_UNIX_MODE}"
+    return description
+
+
+SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size(option: str, value: str) -> int:
+    """
+    A number of bytes, with an optional binary suffix: C{65536}, C{64K},
+    C{64M}, C{1G} (also C{64MiB}, C{64MB}: all powers of 1024).
+
+    @raise usage.UsageError: for anything else.
+    """
+    m = SIZE.fullmatch(value.strip())
+    if m is None:
+        raise usage.UsageError(
+            f"{option} {value!r}: not a size in bytes (such as 65536, 64K, 64M or 1G)")
+    return int(m[1]) * UNITS[m[2].lower()]
+
+
+def prefixes(option: str, value: str) -> tuple[int, int]:
+    """
+    C{V4,V6}: prefix lengths in bits, IPv4 1 to 32, IPv6 1 to 128.
+
+    @raise usage.UsageError: for anything else.
+    """
+    parts = value.split(",")
+    try:
+        v4, v6 = (int(part) for part in parts)
+    except ValueError:
+        raise usage.UsageError(
+            f"{option} {value!r}: two prefix lengths, IPv4 then IPv6, such as 32,64") from None
+    if not (1 <= v4 <= 32 and 1 <= v6 <= 128):
+        raise usage.UsageError(
+            f"{option} {value}: IPv4 prefixes are 1 to 32 bits, IPv6 ones 1 to 128")
+    return v4, v6
+
+
+def keepalive(option: str, value: str) -> Keepalive | None:
+    """
+    Whole seconds of silence before the first keepalive probe, 0 for off.
+
+    @raise usage.UsageError: for anything else.
+    """
+    try:
+        idle = int(value)
+    except ValueError:
+        raise usage.UsageError(f"{option} {value!r}: not a whole number of seconds") from None
+    if not 0 <= idle <= Keepalive.MAX_IDLE:
+        raise usage.UsageError(f"{option} {value}: 0 (off) to {Keepalive.MAX_IDLE} seconds")
+    return Keepalive.after(idle) if idle else None
 
 
 def seconds(option: str, value: str) -> float:
@@ -126,6 +224,16 @@ class Options(usage.Options):
          "from one client IP. [default: no cap]"],
         ["drain-timeout", None, "5", "On SIGTERM, stop listening and give open "
          "connections this many seconds to finish, then close them."],
+        ["max-buffered", None, DEFAULT_MAX_BUFFERED, "Hold at most about this many "
+         "bytes waiting to be echoed, over all connections (suffixes K, M, G); past it, "
+         "connections with unsent bytes stop reading until they drain. 0: no bound."],
+        ["backlog", None, None, "Listen backlog of each TCP, TLS and UNIX listener "
+         "without a backlog= of its own. [default: 4096, or net.core.somaxconn if lower]"],
+        ["keepalive", None, DEFAULT_KEEPALIVE, "Probe a TCP connection after this many "
+         "seconds of silence and close it if its peer is gone (4 probes, 1/20 of this "
+         "apart; unacknowledged data for as long closes it too). 0: off."],
+        ["peer-prefix", None, DEFAULT_PEER_PREFIX, "V4,V6: --max-connections-per-peer "
+         "counts the clients of one IPv4 /V4 or IPv6 /V6 network as one peer."],
         ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
          "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
          "required (close a connection without one), optional (serve one without it "
@@ -187,6 +295,17 @@ class Options(usage.Options):
         for cap in ("max-connections", "max-connections-per-peer"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
+        self["max-buffered"] = size("--max-buffered", self["max-buffered"]) or None
+        self["keepalive"] = keepalive("--keepalive", self["keepalive"])
+        self["peer-prefix"] = prefixes("--peer-prefix", self["peer-prefix"])
+        kernelCap = somaxconn()
+        if self["backlog"] is None:
+            self["backlog"] = min(DEFAULT_BACKLOG, kernelCap or DEFAULT_BACKLOG)
+        else:
+            self["backlog"] = positive("--backlog", self["backlog"])
+            if kernelCap is not None and self["backlog"] > kernelCap:
+                log.warn("--backlog {asked}: the kernel caps it at {cap} (net.core.somaxconn)",
+                         asked=self["backlog"], cap=kernelCap)
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
         if self["proxy-protocol"] != "off":
@@ -196,7 +315,8 @@ class Options(usage.Options):
                     # the echo protocol: the header would reach OpenSSL.
                     raise usage.UsageError(f"--proxy-protocol does not work with TLS "
                                            f"listeners ({d}): let the balancer end TLS")
-        self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
+        self["endpoints"] = [(d, parseEndpoint(withDefaults(d, self["backlog"])))
+                             for d in self["ports"]]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")
             try:
@@ -226,6 +346,9 @@ def makeService(config: Options) -> IService:
         maxConnections=config["max-connections"],
         maxPerPeer=config["max-connections-per-peer"],
         idleTimeout=config["idle-timeout"],
+        maxBuffered=config["max-buffered"],
+        keepalive=config["keepalive"],
+        peerPrefix=config["peer-prefix"],
         proxyProtocol=config["proxy-protocol"],
         proxyTimeout=config["proxy-timeout"],
     )

@@ -424,3 +424,5 @@ def test_refused_connections_are_counted(tmp_path) -> None:
     assert samples["echoplug_connections_refused_total"] == 1
     assert samples["echoplug_connections_accepted_total"] == 1
     assert samples["echoplug_connections_open"] == 1
+    assert samples["echoplug_buffered_bytes"] == 0  # an echo that keeps up holds nothing
+    assert samples["echoplug_buffer_stalls_total"] == 0

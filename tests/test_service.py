@@ -15,6 +15,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -541,3 +542,84 @@ def test_access_line_counts_what_a_tls_client_never_read(tmp_path) -> None:
     # What waited in the TLS layer's buffer when the connection was cut was
     # never sent.
     assert sent < received - 32768
+
+
+@pytest.mark.slow
+def test_unix_clients_with_four_character_names(tmp_path, monkeypatch) -> None:
+    """
+    Twisted's accept loop takes a 4-character UNIX peer name for an IPv6
+    address and raises: every such client was reset, with a traceback
+    each. The listener guards its UNIX ports, however many clients try.
+    """
+    sock = tmp_path / "echo.sock"
+    monkeypatch.chdir(tmp_path)  # the relative names bind here
+    with twistd(None, "--port", "tcp:0:interface=127.0.0.1", "--port", f"unix:{sock}",
+                cwd=tmp_path) as server:
+        names: list[str | bytes] = [f"c{i:03d}" for i in range(20)]
+        names += [f"\0a{i:02d}".encode() for i in range(20)]  # abstract: b"\0a00"
+        names += ["ab", "abcde"]  # other lengths, as before
+        for name in names:
+            with socket.socket(socket.AF_UNIX) as u:
+                u.settimeout(10)
+                u.bind(name)
+                u.connect(str(sock))
+                assert served(u), name
+        server.waitFor(r"close c019 after")
+    out = server.output()
+    assert "Traceback" not in out and "Unhandled Error" not in out
+    assert out.count(" bytes ") >= len(names)
+
+
+def completedConnects(port: int, tries: int, wait: float = 1.0) -> int:
+    """Start C{tries} connects at once; count those the kernel completes in C{wait} s."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    try:
+        for _ in range(tries):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_WRITE)
+            socks.append(s)
+        done: set[socket.socket] = set()
+        deadline = time.monotonic() + wait
+        while len(done) < tries and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                sel.unregister(s)
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    done.add(s)
+        return len(done)
+    finally:
+        for s in socks:
+            s.close()
+        sel.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("options", "queued"), [((), 300), (("--backlog", "20"), 21)])
+def test_listen_backlog(tmp_path, options: tuple[str, ...], queued: int) -> None:
+    """
+    A bare port listens with a backlog of 4096 (Twisted's default is 50):
+    with the server stopped (SIGSTOP), the kernel completes as many connects
+    as the backlog holds, plus one; the rest wait for SYN retransmits.
+    """
+    with twistd(None, "--port", "0", *options, cwd=tmp_path, wait=False) as server:
+        port = int(server.waitFor(LISTENING.pattern)["port"])
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            assert completedConnects(port, 300) == queued
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_unix_socket_file_mode(tmp_path) -> None:
+    """Owner and group may connect, others not (Twisted's default is 0666); mode= wins."""
+    default, chosen = tmp_path / "a.sock", tmp_path / "b.sock"
+    with twistd(None, "--port", f"unix:{default}", "--port", f"unix:{chosen}:mode=600",
+                cwd=tmp_path, wait=False) as server:
+        server.waitFor(rf"listening on {chosen}")
+        assert stat.S_IMODE(default.stat().st_mode) == 0o660
+        assert stat.S_IMODE(chosen.stat().st_mode) == 0o600
