@@ -23,7 +23,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from echoplug.logs import LEVELS, LogLine, formatAddress
+from echoplug.logs import LEVELS, LogLine, ThrottledLog, formatAddress
 from echoplug.protocol import Echo, TracingEcho
 
 
@@ -87,9 +87,9 @@ class EchoFactory(ServerFactory):
         self.perPeer: dict[str, int] = {}
         self.idleTimeout = idleTimeout
         self.fdWall: int | None = None
-        self._lastRefusalLog = -1e9
-        self._suppressed = 0
-        self._flushCall: Any = None
+        self.refusalLog = ThrottledLog(
+            self.log, self.clock, "refused {n} more connections (over a cap)",
+            more=" (and {n} more refused before)", interval=self.refusalLogInterval)
         self._emptyWaiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress) -> Echo | None:
@@ -116,28 +116,8 @@ class EchoFactory(ServerFactory):
         L{refusalLogInterval}: a flood of refusals must not flood the log.
         """
         self.refused += 1
-        now = self.clock.seconds()
-        if now - self._lastRefusalLog >= self.refusalLogInterval:
-            n, self._suppressed = self._suppressed, 0
-            self._lastRefusalLog = now
-            self.log.warn(
-                "refused {peer}: {why}{more}", peer=formatAddress(addr), why=why,
-                more=f" (and {n} more refused before)" if n else "", suppressed=n,
-            )
-        else:
-            self._suppressed += 1
-            if self._flushCall is None:
-                self._flushCall = self.clock.callLater(
-                    self._lastRefusalLog + self.refusalLogInterval - now, self._flushRefusals
-                )
+        self.refusalLog("refused {peer}: {why}{more}", peer=formatAddress(addr), why=why)
         return None
-
-    def _flushRefusals(self) -> None:
-        self._flushCall = None
-        if self._suppressed:
-            n, self._suppressed = self._suppressed, 0
-            self._lastRefusalLog = self.clock.seconds()
-            self.log.warn("refused {n} more connections (over a cap)", n=n)
 
     def connectionMade(self, proto: Echo) -> None:
         if self.fdWall is not None and fileno(proto.transport) >= self.fdWall:

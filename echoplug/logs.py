@@ -125,6 +125,55 @@ class LogLine:
         logger.observer(fields)
 
 
+class ThrottledLog:
+    """
+    One kind of warning that a flood could repeat (a refused connection, a
+    dropped datagram), logged at most once per C{interval} seconds: the
+    first event at once, the ones after it counted and reported together
+    in one C{summary} line when the interval is over. A flood costs a
+    counter increment per event, and a line a second at most.
+
+    @ivar summary: the format of the summary line; its C{{n}} is how many
+        events were not logged.
+    @ivar more: appended to the next event's line (as its C{{more}} field)
+        when events were held back and no summary has reported them yet.
+    """
+
+    def __init__(self, logger: Logger, clock: Any, summary: str,
+                 more: str = " (and {n} more before)", interval: float = 1.0,
+                 level: LogLevel = LogLevel.warn) -> None:
+        self.logger = logger
+        self.clock = clock
+        self.summary = summary
+        self.more = more
+        self.interval = interval
+        self.level = level
+        self._last = -1e9
+        self._suppressed = 0
+        self._flushCall: Any = None
+
+    def __call__(self, format: str, **fields: Any) -> None:
+        """Log C{format} with C{fields} now, or count it for the summary."""
+        now = self.clock.seconds()
+        if now - self._last >= self.interval:
+            n, self._suppressed = self._suppressed, 0
+            self._last = now
+            self.logger.emit(self.level, format, more=self.more.format(n=n) if n else "",
+                             suppressed=n, **fields)
+        else:
+            self._suppressed += 1
+            if self._flushCall is None:
+                self._flushCall = self.clock.callLater(
+                    self._last + self.interval - now, self._flush)
+
+    def _flush(self) -> None:
+        self._flushCall = None
+        if self._suppressed:
+            n, self._suppressed = self._suppressed, 0
+            self._last = self.clock.seconds()
+            self.logger.emit(self.level, self.summary, n=n)
+
+
 #: The event key under which L{LogLine} leaves its message, rendered. It
 #: starts with C{log_} so that observers that print an event's own fields
 #: (L{JSONLinesObserver}) leave it out, as they leave out C{log_flattened}.
