@@ -81,7 +81,34 @@ class EchoCollector(Collector):
                    "reactor_class": self.reactorClass})
 
 
-def makeRegistry(factory: EchoFactory, reactor: Any) -> CollectorRegistry:
+class DatagramCollector(Collector):
+    """
+    The UDP echo's counters (L{echoplug.udp.DatagramGuards}), read at
+    scrape time: datagrams and bytes received and echoed, and datagrams
+    dropped by reason (the guards, and echoes the kernel had no room for).
+    """
+
+    def __init__(self, guards: Any) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.guards
+        yield CounterMetricFamily("echoplug_udp_datagrams_received",
+                                  "UDP datagrams received.", value=g.received)
+        yield CounterMetricFamily("echoplug_udp_received_bytes",
+                                  "Bytes of the UDP datagrams received.", value=g.receivedBytes)
+        yield CounterMetricFamily("echoplug_udp_datagrams_sent",
+                                  "UDP datagrams echoed (handed to the kernel).", value=g.sent)
+        yield CounterMetricFamily("echoplug_udp_sent_bytes",
+                                  "Bytes of the UDP datagrams echoed.", value=g.sentBytes)
+        dropped = CounterMetricFamily("echoplug_udp_datagrams_dropped",
+                                      "UDP datagrams not echoed, by reason.", labels=["reason"])
+        for reason, n in g.dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
+def makeRegistry(factory: EchoFactory, reactor: Any, guards: Any = None) -> CollectorRegistry:
     """
     A registry of its own (not prometheus_client's global one, so two
     services in one process do not collide) with the echo metrics and the
@@ -89,6 +116,8 @@ def makeRegistry(factory: EchoFactory, reactor: Any) -> CollectorRegistry:
     """
     registry = CollectorRegistry()
     registry.register(EchoCollector(factory, reactor))
+    if guards is not None:
+        registry.register(DatagramCollector(guards))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -133,9 +162,9 @@ class MetricsSite(Site):
         pass
 
 
-def makeSite(factory: EchoFactory, reactor: Any) -> Site:
+def makeSite(factory: EchoFactory, reactor: Any, guards: Any = None) -> Site:
     root = Root()
-    root.putChild(b"metrics", MetricsPage(makeRegistry(factory, reactor)))
+    root.putChild(b"metrics", MetricsPage(makeRegistry(factory, reactor, guards)))
     return MetricsSite(root)
 
 

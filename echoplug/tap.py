@@ -5,12 +5,16 @@ shape of C{twisted/web/tap.py}.
 
 A bare port number means TCP on 127.0.0.1, as the original select() server
 bound localhost; anything else is a Twisted server endpoint string
-(C{tcp:}, C{tcp6:}, C{unix:}, C{ssl:}, C{systemd:}).
+(C{tcp:}, C{tcp6:}, C{unix:}, C{ssl:}, C{systemd:}). UDP is opt-in and
+has its own two forms, C{udp:PORT[:interface=ADDR]} (127.0.0.1 unless an
+interface is given) and C{systemd-udp:name=NAME} or C{systemd-udp:index=N}
+for a systemd C{ListenDatagram=} socket (L{echoplug.udp}).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -44,6 +48,22 @@ def endpointDescription(port: str, option: str = "--port") -> str:
             f"{option} {port!r}: not a port number or an endpoint (such as tcp:10000)"
         )
     return port
+
+
+def parseDatagramEndpoint(description: str) -> Any:
+    """
+    The UDP endpoint for a C{udp:} or C{systemd-udp:} description.
+
+    @raise usage.UsageError: for anything wrong with it, in one line.
+    """
+    from twisted.internet import reactor
+
+    from echoplug.udp import datagramEndpoint
+
+    try:
+        return datagramEndpoint(reactor, description)
+    except ValueError as e:
+        raise usage.UsageError(f"--port {description}: {e}") from None
 
 
 def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndpoint:
@@ -127,10 +147,16 @@ class Options(usage.Options):
          "from one client IP. [default: no cap]"],
         ["drain-timeout", None, "5", "On SIGTERM, stop listening and give open "
          "connections this many seconds to finish, then close them."],
+        ["udp-rate", None, None, "Echo at most N datagrams a second to one source "
+         "address (bursts of up to N); drop the rest. [default: 100]"],
+        ["udp-rate-total", None, None, "Echo at most N datagrams a second in all "
+         "(bursts of up to N); drop the rest. [default: 10000]"],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
          "like the original select() server. Slow: for debugging only."],
+        ["udp-allow-low-ports", None, "Echo datagrams from source ports below 1024 "
+         "too (dropped by default: other UDP services live there). For labs."],
     ]
     compData = usage.Completions(
         optActions={
@@ -144,7 +170,7 @@ class Options(usage.Options):
         self["ports"] = []
 
     def opt_port(self, port: str) -> None:
-        """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug. [default: 10000]"""  # noqa: E501
+        """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug; UDP: udp:10000 (127.0.0.1), udp:10000:interface=\\:\\:1, systemd-udp:name=echoplug-udp. [default: 10000]"""  # noqa: E501
         self["ports"].append(endpointDescription(port))
 
     opt_p = opt_port
@@ -172,12 +198,20 @@ class Options(usage.Options):
             )
         self["idle-timeout"] = seconds("--idle-timeout", self["idle-timeout"] or "0") or None
         self["drain-timeout"] = seconds("--drain-timeout", self["drain-timeout"])
-        for cap in ("max-connections", "max-connections-per-peer"):
+        for cap in ("max-connections", "max-connections-per-peer", "udp-rate",
+                    "udp-rate-total"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
-        self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
+        from echoplug.udp import DEFAULT_RATE, DEFAULT_RATE_TOTAL, isDatagramDescription
+
+        self["udp-rate"] = self["udp-rate"] or DEFAULT_RATE
+        self["udp-rate-total"] = self["udp-rate-total"] or DEFAULT_RATE_TOTAL
+        self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]
+                             if not isDatagramDescription(d)]
+        self["datagram-endpoints"] = [(d, parseDatagramEndpoint(d)) for d in self["ports"]
+                                      if isDatagramDescription(d)]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")
             try:
@@ -212,18 +246,36 @@ def makeService(config: Options) -> IService:
                           drainTimeout=config["drain-timeout"])
     for description, endpoint in config["endpoints"]:
         service.listen(description, endpoint)
+    guards = None
+    if config["datagram-endpoints"]:
+        guards = listenDatagrams(config, service)
     if config["metrics"] is not None:
         from twisted.internet import reactor
 
         from echoplug.metrics import MetricsListener, makeSite
 
         MetricsListener(f"--metrics {config['metrics']}", config["metrics-endpoint"],
-                        makeSite(factory, reactor)).setServiceParent(service)
+                        makeSite(factory, reactor, guards)).setServiceParent(service)
     # Last, so that it is stopped first: STOPPING=1 as shutdown begins.
     notifier = notifierFor(service)
     if notifier is not None:
         notifier.setServiceParent(service)
     return service
+
+
+def listenDatagrams(config: Options, service: EchoService) -> Any:
+    """
+    A UDP listener per C{udp:} or C{systemd-udp:} port, sharing one set of
+    guards (limits, own ports, counters); return the guards.
+    """
+    from echoplug.udp import DatagramEcho, DatagramGuards, DatagramListener, TracingDatagramEcho
+
+    guards = DatagramGuards(rate=config["udp-rate"], rateTotal=config["udp-rate-total"],
+                            allowLowPorts=config["udp-allow-low-ports"])
+    protocol = TracingDatagramEcho if config["trace"] else DatagramEcho
+    for description, endpoint in config["datagram-endpoints"]:
+        DatagramListener(description, endpoint, protocol(guards)).setServiceParent(service)
+    return guards
 
 
 def logObserver(config: Options) -> ILogObserver | None:
