@@ -45,6 +45,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from echoplug._twisted import observerFile, twistdLogObserver
+
 LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -125,55 +127,6 @@ class LogLine:
         logger.observer(fields)
 
 
-class ThrottledLog:
-    """
-    One kind of warning that a flood could repeat (a refused connection, a
-    dropped datagram), logged at most once per C{interval} seconds: the
-    first event at once, the ones after it counted and reported together
-    in one C{summary} line when the interval is over. A flood costs a
-    counter increment per event, and a line a second at most.
-
-    @ivar summary: the format of the summary line; its C{{n}} is how many
-        events were not logged.
-    @ivar more: appended to the next event's line (as its C{{more}} field)
-        when events were held back and no summary has reported them yet.
-    """
-
-    def __init__(self, logger: Logger, clock: Any, summary: str,
-                 more: str = " (and {n} more before)", interval: float = 1.0,
-                 level: LogLevel = LogLevel.warn) -> None:
-        self.logger = logger
-        self.clock = clock
-        self.summary = summary
-        self.more = more
-        self.interval = interval
-        self.level = level
-        self._last = -1e9
-        self._suppressed = 0
-        self._flushCall: Any = None
-
-    def __call__(self, format: str, **fields: Any) -> None:
-        """Log C{format} with C{fields} now, or count it for the summary."""
-        now = self.clock.seconds()
-        if now - self._last >= self.interval:
-            n, self._suppressed = self._suppressed, 0
-            self._last = now
-            self.logger.emit(self.level, format, more=self.more.format(n=n) if n else "",
-                             suppressed=n, **fields)
-        else:
-            self._suppressed += 1
-            if self._flushCall is None:
-                self._flushCall = self.clock.callLater(
-                    self._last + self.interval - now, self._flush)
-
-    def _flush(self) -> None:
-        self._flushCall = None
-        if self._suppressed:
-            n, self._suppressed = self._suppressed, 0
-            self._last = self.clock.seconds()
-            self.logger.emit(self.level, self.summary, n=n)
-
-
 #: The event key under which L{LogLine} leaves its message, rendered. It
 #: starts with C{log_} so that observers that print an event's own fields
 #: (L{JSONLinesObserver}) leave it out, as they leave out C{log_flattened}.
@@ -192,11 +145,11 @@ class CachedTime:
         self.text = ""
 
     def __call__(self, when: float | None) -> str:
-        second = int(when) if when is not None and when >= 0 else -1
-        if second < 0 or when - second > 0.999999:  # type: ignore[operator]
+        if when is None or when < 0 or when - int(when) > 0.999999:
             # datetime rounds to the microsecond, so the last microsecond of
             # a second may print as the next one: leave that to Twisted.
             return formatTime(when, timeFormatRFC3339)
+        second = int(when)
         if second != self.second:
             self.text = formatTime(second, timeFormatRFC3339)
             self.second = second
@@ -248,9 +201,9 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
     writes to that file with L{textObserver} (or L{JSONLinesObserver} for
     C{fmt="json"}), dropping events below C{level} if one is given. Under
     C{--syslog} it only filters twistd's syslog observer by C{level}; a
-    C{--logger} of the user's own is left alone. The Twisted names used
-    (C{UnixAppLogger._getLogObserver}, C{FileLogObserver._outFile}) are
-    pinned in tests/test_logs.py.
+    C{--logger} of the user's own is left alone. Asking twistd takes two of
+    its private names (L{echoplug._twisted.twistdLogObserver},
+    L{echoplug._twisted.observerFile}).
 
     @raise SystemExit: C{fmt="json"} with C{--syslog} (one line).
     """
@@ -261,16 +214,14 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
                          "it cannot go to --syslog")
     if serverOptions.get("syslog") and level is None:
         return None
-    from twisted.scripts._twistd_unix import UnixAppLogger
-
-    stock = UnixAppLogger(serverOptions)._getLogObserver()
+    stock = twistdLogObserver(serverOptions)
     if not isinstance(stock, FileLogObserver):
         # syslog: twistd's legacy observer, behind echoplug's level filter.
         predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
         return FilteringLogObserver(LegacyLogObserverWrapper(stock), [predicate])
     if level is None and fmt == "text":
-        return textObserver(stock._outFile)
-    return makeObserver(fmt, level or "info", stock._outFile)
+        return textObserver(observerFile(stock))
+    return makeObserver(fmt, level or "info", observerFile(stock))
 
 
 def formatAddress(address: object) -> str:
@@ -284,9 +235,8 @@ def formatAddress(address: object) -> str:
         return f"[{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
         name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name or "unix"
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
+        return text or "unix"
     return str(address)
 
 

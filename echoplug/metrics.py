@@ -34,6 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IListeningPort
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -66,7 +67,7 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "echoplug_connections_refused",
             "Connections refused since start (closed at once, over a connection cap).",
-            value=getattr(f, "refused", 0))
+            value=f.refused)
         yield GaugeMetricFamily(
             "echoplug_connections_open", "Connections open now.", value=len(f.connections))
         yield CounterMetricFamily(
@@ -75,6 +76,13 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "echoplug_sent_bytes", "Bytes echoed back (handed to the kernel).",
             value=f.bytesSent + f.openSentBytes())
+        failures = CounterMetricFamily(
+            "echoplug_proxy_header_failures",
+            "Connections closed for a bad PROXY header, or none in time, by reason.",
+            labels=["reason"])
+        for reason, n in getattr(f, "headerFailures", {}).items():
+            failures.add_metric([reason], n)
+        yield failures
         yield InfoMetricFamily(
             "echoplug", "echoplug's version and the Twisted reactor it runs on.",
             value={"version": __version__, "reactor": self.reactor,
@@ -146,7 +154,8 @@ class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self
-        return super().getChild(path, request)
+        child: Resource = super().getChild(path, request)
+        return child
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader("content-type", "text/plain; charset=utf-8")
@@ -158,7 +167,7 @@ class MetricsSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -170,7 +179,7 @@ def makeSite(factory: EchoFactory, reactor: Any, guards: Any = None) -> Site:
 
 class MetricsListener(Listener):
     """
-    Serve the metrics site on one endpoint. A L{Listener}, so it binds
+    Serve the metrics site (L{makeSite}) on one endpoint. A L{Listener}, so it binds
     before privileges drop, a port in use is one line, and
     L{EchoService.whenListening} (hence C{READY=1}) waits for it too.
     """

@@ -15,13 +15,14 @@ left at the drain timeout).
 
 from __future__ import annotations
 
+import select
 import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -41,8 +42,10 @@ def reactorName(reactor: object) -> str:
 
     module = type(reactor).__module__
     for installer in getReactorTypes():
-        if installer.shortName != "default" and installer.moduleName == module:
-            return installer.shortName
+        # moduleName: Twisted's Reactor has it, IReactorInstaller does not say.
+        if (installer.shortName != "default"
+                and getattr(installer, "moduleName", None) == module):
+            return str(installer.shortName)
     return type(reactor).__name__
 
 
@@ -86,11 +89,13 @@ def raiseNoFile(wall: int | None) -> int:
 class Refused(Protocol):
     """A connection over a cap, behind a wrapper (TLS): closed at once."""
 
+    transport: ITCPTransport
+
     def connectionMade(self) -> None:
         self.transport.abortConnection()
 
 
-class RefuseByClosing(ServerFactory):
+class RefuseByClosing(ServerFactory[Protocol]):
     """
     Let a wrapping factory (TLS) see a refusal as a protocol that closes at
     once rather than as C{None}, which C{WrappingFactory} cannot handle.
@@ -107,15 +112,17 @@ class RefuseByClosing(ServerFactory):
 
 class Listener(Service):
     """
-    Listen on one endpoint with the shared factory.
+    Listen on one endpoint with a factory: the echo service's shared
+    L{EchoFactory}, or any other server factory (the metrics site).
 
     @ivar ready: fires with the listening port once it listens.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
 
     def __init__(
-        self, description: str, endpoint: IStreamServerEndpoint, factory: EchoFactory
+        self, description: str, endpoint: IStreamServerEndpoint,
+        factory: ServerFactory[Any],
     ) -> None:
         self.description = description
         self.endpoint = endpoint
@@ -126,11 +133,12 @@ class Listener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failed: list[Failure] = []
-        factory: ServerFactory = self.factory
+        factory = self.factory
         if isinstance(self.endpoint, SSL4ServerEndpoint) or self.description.startswith(
                 ("ssl:", "tls:")):
             # TLS wraps our factory, and wraps the None of a refusal too,
             # which then fails with a traceback: refuse with a protocol.
+            assert isinstance(self.factory, EchoFactory), "TLS serves the echo"
             factory = RefuseByClosing(self.factory)
         d = self.endpoint.listen(factory)
         d.addCallbacks(self._listening, failed.append)
@@ -163,7 +171,42 @@ class Listener(Service):
         if self.port is None:
             return None
         port, self.port = self.port, None
+        # Closing a listening socket makes the kernel reset every connection
+        # in its accept queue: clients that had connected, and perhaps sent
+        # data, would see a reset (a balancer logs them as failures). Accept
+        # them first; the drain then serves them like any open connection.
+        acceptQueued(port)
         return defer.maybeDeferred(port.stopListening)
+
+
+def acceptQueued(port: object, rounds: int = 100) -> None:
+    """
+    Accept the connections already queued on a listening C{port}, by running
+    its own accept loop (C{doRead}, which accepts up to C{numberAccepts} at a
+    time, building protocols with the port's factory) while its socket is
+    readable, at most C{rounds} times (a port out of descriptors stays
+    readable; its C{doRead} logs that and accepts nothing).
+
+    Only C{IReadDescriptor}'s public C{fileno} and C{doRead} are used; a
+    port without them (not a socket port) is left alone.
+    """
+    doRead = getattr(port, "doRead", None)
+    fileno = getattr(port, "fileno", None)
+    if doRead is None or fileno is None:
+        return
+    try:
+        fd = fileno()
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    # poll(), not select(): the descriptor may be past FD_SETSIZE.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    for _ in range(rounds):
+        if not poller.poll(0):
+            return
+        doRead()
 
 
 class EchoService(MultiService):
@@ -174,7 +217,7 @@ class EchoService(MultiService):
         C{stopService} (SIGTERM) before they are aborted.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
     #: The sweep runs this many times per idle timeout, so a connection is
     #: closed after between 1 and 1.5 timeouts without traffic.
     sweepsPerTimeout = 4
@@ -278,7 +321,7 @@ class EchoService(MultiService):
             return self._draining
         self._hurryOnSignals()
         stopped = super().stopService()
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._draining = d
         n = len(self.factory.connections)
         if n:

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from echoplug.factory import EchoFactory
+from echoplug.factory import PROXY_MODES, EchoFactory
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
 
@@ -77,7 +77,8 @@ def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndp
     from twisted.internet import reactor
 
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
     except Exception as e:
         why = str(e) or type(e).__name__
         if description.startswith("systemd:"):
@@ -135,8 +136,6 @@ class Options(usage.Options):
         ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
          "line (json), to stdout. Given either, echoplug owns the log and twistd's "
          "--logfile is not used. [default: text]"],
-    ]
-    optParameters += [
         ["idle-timeout", None, None, "Close a connection after this many seconds "
          "with no traffic either way, even one paused because its client stopped "
          "reading. 0: never. [default: 0]"],
@@ -151,6 +150,14 @@ class Options(usage.Options):
          "address (bursts of up to N); drop the rest. [default: 100]"],
         ["udp-rate-total", None, None, "Echo at most N datagrams a second in all "
          "(bursts of up to N); drop the rest. [default: 10000]"],
+        ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
+         "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
+         "required (close a connection without one), optional (serve one without it "
+         "as plain echo) or off. The client it names is the peer everywhere. Trust: "
+         "anyone who can connect can claim any address, so let only the balancer "
+         "reach such a listener."],
+        ["proxy-timeout", None, "5", "Close a connection that has not sent its whole "
+         "PROXY header within this many seconds. 0: never."],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
@@ -162,6 +169,7 @@ class Options(usage.Options):
         optActions={
             "log-level": usage.CompleteList(list(LEVELS)),
             "log-format": usage.CompleteList(list(FORMATS)),
+            "proxy-protocol": usage.CompleteList(list(PROXY_MODES)),
         }
     )
 
@@ -198,12 +206,23 @@ class Options(usage.Options):
             )
         self["idle-timeout"] = seconds("--idle-timeout", self["idle-timeout"] or "0") or None
         self["drain-timeout"] = seconds("--drain-timeout", self["drain-timeout"])
+        self["proxy-timeout"] = seconds("--proxy-timeout", self["proxy-timeout"])
+        if self["proxy-protocol"] not in PROXY_MODES:
+            raise usage.UsageError(f"--proxy-protocol {self['proxy-protocol']!r}: choose one "
+                                   f"of {', '.join(PROXY_MODES)}")
         for cap in ("max-connections", "max-connections-per-peer", "udp-rate",
                     "udp-rate-total"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
+        if self["proxy-protocol"] != "off":
+            for d in self["ports"]:
+                if d.startswith(("ssl:", "tls:")):
+                    # The header comes before the TLS handshake, but TLS wraps
+                    # the echo protocol: the header would reach OpenSSL.
+                    raise usage.UsageError(f"--proxy-protocol does not work with TLS "
+                                           f"listeners ({d}): let the balancer end TLS")
         from echoplug.udp import DEFAULT_RATE, DEFAULT_RATE_TOTAL, isDatagramDescription
 
         self["udp-rate"] = self["udp-rate"] or DEFAULT_RATE
@@ -241,6 +260,8 @@ def makeService(config: Options) -> IService:
         maxConnections=config["max-connections"],
         maxPerPeer=config["max-connections-per-peer"],
         idleTimeout=config["idle-timeout"],
+        proxyProtocol=config["proxy-protocol"],
+        proxyTimeout=config["proxy-timeout"],
     )
     service = EchoService(factory, logObserver=logObserver(config),
                           drainTimeout=config["drain-timeout"])

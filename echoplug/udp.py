@@ -27,7 +27,7 @@ refilled to a full bucket: forgetting it changes no decision
 Every check is an integer comparison, a set or dict lookup or a little float
 arithmetic: the guards run on every datagram. Each drop is counted by reason
 (the C{echoplug_udp_datagrams_dropped} metric) and logged at most once a second
-per reason (L{echoplug.logs.ThrottledLog}).
+per reason (L{echoplug.factory.RateLimitedLog}).
 
 Listening: L{UDPServerEndpoint} binds a new socket (C{listenUDP}), and
 L{AdoptedDatagramEndpoint} serves a socket someone else bound (systemd's
@@ -48,11 +48,13 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, fdesc
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort, ISystemHandle
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from echoplug.logs import ThrottledLog
+from echoplug._twisted import endpointArguments, systemdDescriptor
+from echoplug.factory import RateLimitedLog
 from echoplug.service import Listener, reactorName
 
 #: recvfrom() size: no UDP datagram is larger (65,507 bytes of payload over
@@ -172,7 +174,7 @@ class DatagramGuards:
             SEND_FAILED: "the echo could not be sent (send buffer full?)",
         }
         self.dropLogs = {
-            reason: ThrottledLog(self.log, clock, f"dropped {{n}} more datagrams: {why}")
+            reason: RateLimitedLog(self.log, clock, f"dropped {{n}} more datagrams: {why}")
             for reason, why in self.why.items()
         }
 
@@ -246,9 +248,11 @@ class DatagramEcho(DatagramProtocol):
     def startProtocol(self) -> None:
         # The socket's own sendto: Twisted's Port.write re-validates the
         # address on every call, and raises EAGAIN out of datagramReceived.
-        self.sendto = self.transport.getHandle().sendto
+        sock = ISystemHandle(self.transport).getHandle()
+        assert isinstance(sock, socket.socket)
+        self.sendto = sock.sendto
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
         why = self.check(data, addr)
         if why is None:
             self.echo(data, addr)
@@ -272,7 +276,7 @@ class TracingDatagramEcho(DatagramEcho):
 
     log = Logger(namespace="echoplug.trace")
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
         peer = peerText(addr)
         self.log.info("received {data!r} from {peer}", data=data, peer=peer)
         why = self.check(data, addr)
@@ -369,19 +373,24 @@ class DatagramListener(Listener):
         from twisted.internet import reactor
 
         self.port = port
-        self.ownPort = port.getHost().port  # type: ignore[attr-defined]
+        host = port.getHost()
+        assert isinstance(host, IPv4Address | IPv6Address)
+        self.ownPort = host.port
         self.protocol.guards.ownPorts.add(self.ownPort)
         self.log.info(
             "listening on {address}, reactor={reactor} ({cls}), UDP",
-            address=peerText((port.getHost().host, self.ownPort)),  # type: ignore[attr-defined]
+            address=peerText((host.host, host.port)),
             reactor=reactorName(reactor), cls=type(reactor).__name__,
         )
         self.ready.callback(port)
 
     def stopService(self) -> defer.Deferred[Any] | None:
-        if self.port is not None:
-            self.protocol.guards.ownPorts.discard(self.ownPort)
-        return super().stopService()
+        Service.stopService(self)
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        self.protocol.guards.ownPorts.discard(self.ownPort)
+        return defer.maybeDeferred(port.stopListening)
 
 
 # Endpoint descriptions: udp:PORT[:interface=ADDR] and
@@ -392,17 +401,6 @@ PREFIXES = ("udp:", "systemd-udp:")
 
 def isDatagramDescription(description: str) -> bool:
     return description.startswith(PREFIXES)
-
-
-def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
-    """
-    Split an endpoint description as Twisted's C{serverFromString} does,
-    colons escaped with backslashes (C{interface=\\:\\:1}).
-    """
-    from twisted.internet.endpoints import _parse
-
-    args, kwargs = _parse(description)
-    return [str(a) for a in args], {str(k): str(v) for k, v in kwargs.items()}
 
 
 def datagramEndpoint(reactor: Any, description: str
@@ -441,7 +439,7 @@ def systemdEndpoint(reactor: Any, args: list[str], kwargs: dict[str, str]
     C{LISTEN_FDS}, C{LISTEN_FDNAMES}, read once when Twisted's endpoints
     module is imported), then check that it is a UDP socket.
     """
-    from twisted.internet.endpoints import quoteStringArgument, serverFromString
+    from twisted.internet.endpoints import quoteStringArgument
 
     unknown = set(kwargs) - {"name", "index", "domain"}
     if args or unknown or ("name" in kwargs) == ("index" in kwargs):
@@ -452,11 +450,10 @@ def systemdEndpoint(reactor: Any, args: list[str], kwargs: dict[str, str]
     which = (f"name={quoteStringArgument(kwargs['name'])}" if "name" in kwargs
              else f"index={kwargs['index']}")
     try:
-        stream = serverFromString(reactor, f"systemd:domain=INET:{which}")
+        fileno = systemdDescriptor(reactor, which)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError("no such socket was passed by the service manager "
                          f"(LISTEN_FDS/LISTEN_FDNAMES): {e}") from None
-    fileno: int = stream.fileno  # type: ignore[attr-defined]
     try:
         sock = socket.socket(fileno=fileno)  # reads the family and type from the kernel
     except OSError as e:
