@@ -30,9 +30,12 @@ TICKS = os.sysconf("SC_CLK_TCK")
 LAUNCHER = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def freePort() -> int:
-    """A TCP port free on 127.0.0.1 now (the caller retries the rare race)."""
-    with socket.socket() as s:
+def freePort(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """
+    A TCP port (or with C{kind=SOCK_DGRAM}, a UDP port) free on 127.0.0.1
+    now (the caller retries the rare race).
+    """
+    with socket.socket(type=kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
