@@ -125,6 +125,11 @@ class EchoClientFactory(ClientFactory["EchoClient"]):
         self.connected.errback(ClientError(f"cannot connect to {self.where}: {why}"))
 
 
+def brief(data: bytes) -> str:
+    """C{data} for a one-line error: its repr, or the start of it and its size."""
+    return repr(data) if len(data) <= 60 else f"{data[:40]!r}... ({len(data)} bytes)"
+
+
 def show(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace")
 
@@ -239,9 +244,9 @@ async def exchange(c: DatagramClient, payload: bytes, earlier: set[bytes],
             if echoed == payload:
                 return echoed
             if echoed not in earlier:
-                raise ClientError(
-                    f"{c.name}: echo mismatch: sent {payload!r}, received {echoed!r}")
-    raise ClientError(f"{c.name}: lost: no echo of {payload!r} from {where} after "
+                raise ClientError(f"{c.name}: echo mismatch: sent {brief(payload)}, "
+                                  f"received {brief(echoed)}")
+    raise ClientError(f"{c.name}: lost: no echo of {brief(payload)} from {where} after "
                       f"{options.retries} resends in {options.timeout:g}s")
 
 
@@ -254,7 +259,9 @@ async def converseUDP(reactor: Any, options: argparse.Namespace) -> None:
     try:
         for _ in range(options.connections):
             c = DatagramClient(reactor)
-            c.port = reactor.listenUDP(0, c, interface="::" if isIPv6Address(host) else "")
+            # maxPacketSize: Twisted's default of 8192 would truncate the echo.
+            c.port = reactor.listenUDP(0, c, interface="::" if isIPv6Address(host) else "",
+                                       maxPacketSize=MAX_DATAGRAM + 28)
             clients.append(c)
             c.connect(host, options.port)
         earlier: set[bytes] = set()
