@@ -60,7 +60,7 @@ from echoplug.service import Listener, reactorName
 #: recvfrom() size: no UDP datagram is larger (65,507 bytes of payload over
 #: IPv4, 65,527 over IPv6 without jumbograms), so none is truncated.
 MAX_DATAGRAM = 65535
-#: The per-source table never holds more entries than this (about 10 MiB):
+#: The per-source table never holds more entries than this (about 35 MiB):
 #: above it, an evicted source may get a fresh bucket early (see maxSources).
 MAX_SOURCES = 1 << 17
 DEFAULT_RATE = 100
