@@ -416,8 +416,10 @@ int main(int argc, char **argv) {
         if (!error[0] && inFlight) fail("timed out waiting for the echoes in flight");
     }
 
-    printf("{\"workload\":\"%s\",\"messages\":%ld,\"inWindow\":%ld,\"seconds\":%.6f,"
-           "\"resent\":%ld,\"rttUs\":[", opt.workload, messages, inWindow, seconds, resent);
+    printf("{\"workload\":\"%s\",\"messages\":%ld,\"inWindow\":%ld,\"seconds\":%.6f,",
+           opt.workload, messages, inWindow, seconds);
+    if (udp) printf("\"resent\":%ld,", resent); /* datagrams sent again after a loss */
+    printf("\"rttUs\":[");
     for (long i = 0; i < nRtts; i++) printf(i ? ",%d" : "%d", rtts[i]);
     if (error[0]) {
         printf("],\"error\":\"");
