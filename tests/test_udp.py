@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -614,3 +615,39 @@ def test_spoofed_loop_between_same_ports_is_dropped_at_once(tmp_path) -> None:
         assert counts(ma) == (0, 0)
         samples = metrics(mb)
     assert samples['echoplug_udp_datagrams_dropped_total{reason="own_port"}'] == 1
+
+
+# Bind in one place, serve from the descriptor in another (systemd, workers).
+
+
+@pytest_twisted.ensureDeferred
+async def test_bound_socket_is_adopted_and_echoes() -> None:
+    from twisted.internet import defer, reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    from echoplug.udp import AdoptedDatagramEndpoint, bindDatagramSocket
+
+    bound = bindDatagramSocket("127.0.0.1", 0)
+    port = bound.getsockname()[1]
+    fd = os.dup(bound.fileno())  # what a parent would pass on
+    bound.close()
+    guards = DatagramGuards()
+    listening = await AdoptedDatagramEndpoint(reactor, fd, socket.AF_INET).listen(
+        DatagramEcho(guards))
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once adopted, as Twisted's stream endpoint does
+    got: defer.Deferred[bytes] = defer.Deferred()
+
+    class Client(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: object) -> None:
+            got.callback(data)
+
+    client = reactor.listenUDP(0, Client(), interface="127.0.0.1", maxPacketSize=65535)
+    try:
+        big = b"adopted" * 2000  # over Twisted's default maxPacketSize of 8192
+        client.write(big, ("127.0.0.1", port))
+        assert await got.addTimeout(10, reactor) == big
+        assert guards.ownPorts == set()  # only a DatagramListener registers its port
+    finally:
+        await client.stopListening()
+        await listening.stopListening()
