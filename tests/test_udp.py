@@ -295,10 +295,12 @@ def test_udp_descriptions() -> None:
 # Real servers.
 
 
-def udpPorts(server: Server, n: int = 1) -> list[tuple[str, int]]:
-    server.waitFor(UDP_LISTENING)
-    found = re.findall(UDP_LISTENING, server.output())
-    assert len(found) >= n, server.output()
+def udpPorts(server: Server, n: int = 1, timeout: float = 10.0) -> list[tuple[str, int]]:
+    """The addresses of the first C{n} UDP listeners, once all of them have logged."""
+    deadline = time.monotonic() + timeout
+    while len(found := re.findall(UDP_LISTENING, server.output())) < n:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.output()
+        time.sleep(0.02)
     return [(h.strip("[]"), int(p)) for h, p in found]
 
 
@@ -338,8 +340,9 @@ def udpServer(tmp_path, *options: str, reactor: str | None = None,
     extra = ["--metrics", str(metricsPort)] if metricsPort else []
     if not any(o.startswith("udp:") for o in options):
         options = ("--port", "udp:0", *options)
+    n = sum(o.startswith("udp:") for o in options) or 1
     with twistd(reactor, *options, *extra, cwd=tmp_path) as server:
-        yield server, udpPorts(server)
+        yield server, udpPorts(server, n)
 
 
 def payload(size: int, seed: int) -> bytes:
