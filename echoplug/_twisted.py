@@ -42,6 +42,12 @@ speed.
                                         "name!conversion:spec"      formatEvent reads it
     pytest_twisted._install_reactor     pytest-twisted's installer  installTestReactor: the
                                                                     tests' reactor by name
+    endpoints._parse                    serverFromString's split    endpointArguments: udp:
+                                        of a description (colons    descriptions, escaped as
+                                        escaped with backslashes)   TCP ones are
+    AdoptedStreamServerEndpoint.fileno  the descriptor a systemd:   systemdDescriptor: find a
+                                        endpoint found by name or   ListenDatagram= socket as
+                                        index (undocumented)        systemd: finds a stream
     ==================================  ==========================  ===========================
 
 The eager write's closure (L{eagerWrite}) runs once per message: it reads
@@ -159,6 +165,40 @@ def closeNow(transport: Any) -> None:
     transport.stopReading()
     transport.stopWriting()
     transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+# Endpoint descriptions: echoplug's udp: and systemd-udp: forms follow
+# Twisted's conventions by using Twisted's own parsing.
+
+
+def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description exactly as C{serverFromString} does:
+    positional arguments (the prefix first) and C{key=value} ones, with
+    colons escaped by backslashes (C{interface=\\:\\:1}).
+    """
+    from twisted.internet.endpoints import _parse
+
+    args, kwargs = _parse(description)
+    return [str(a) for a in args], {str(k): str(v) for k, v in kwargs.items()}
+
+
+def systemdDescriptor(reactor: Any, which: str) -> int:
+    """
+    The descriptor that C{serverFromString(reactor, "systemd:domain=INET:"
+    + which)} would adopt (C{which} is C{name=NAME} or C{index=N}): the same
+    C{LISTEN_FDS} and C{LISTEN_FDNAMES}, which Twisted reads (and removes
+    from the environment) once, when C{twisted.internet.endpoints} is
+    imported, so a process can take stream and datagram sockets alike.
+
+    @raise KeyError: no socket of that name.
+    @raise IndexError: no socket at that index.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+    endpoint = serverFromString(reactor, f"systemd:domain=INET:{which}")
+    assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+    return int(endpoint.fileno)
 
 
 # twistd's log observer.
@@ -335,12 +375,6 @@ def watchDrain(transport: Any) -> None:
 
 
 # Endpoint descriptions.
-
-
-def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
-    """The positional and keyword arguments of an endpoint description."""
-    args, kw = endpoints._parse(description)
-    return list(args), dict(kw)
 
 
 # UNIX listeners: peer names of 4 characters.

@@ -226,7 +226,34 @@ class MetricsPortCollector(Collector):
             "Metrics requests refused (413) for announcing a body.", value=counts["body"])
 
 
-def makeRegistry(factory: EchoFactory, reactor: Any) -> CollectorRegistry:
+class DatagramCollector(Collector):
+    """
+    The UDP echo's counters (L{echoplug.udp.DatagramGuards}), read at
+    scrape time: datagrams and bytes received and echoed, and datagrams
+    dropped by reason (the guards, and echoes the kernel had no room for).
+    """
+
+    def __init__(self, guards: Any) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.guards
+        yield CounterMetricFamily("echoplug_udp_datagrams_received",
+                                  "UDP datagrams received.", value=g.received)
+        yield CounterMetricFamily("echoplug_udp_received_bytes",
+                                  "Bytes of the UDP datagrams received.", value=g.receivedBytes)
+        yield CounterMetricFamily("echoplug_udp_datagrams_sent",
+                                  "UDP datagrams echoed (handed to the kernel).", value=g.sent)
+        yield CounterMetricFamily("echoplug_udp_sent_bytes",
+                                  "Bytes of the UDP datagrams echoed.", value=g.sentBytes)
+        dropped = CounterMetricFamily("echoplug_udp_datagrams_dropped",
+                                      "UDP datagrams not echoed, by reason.", labels=["reason"])
+        for reason, n in g.dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+
+
+def makeRegistry(factory: EchoFactory, reactor: Any, guards: Any = None) -> CollectorRegistry:
     """
     A registry of its own (not prometheus_client's global one, so two
     services in one process do not collide) with the echo metrics and the
@@ -236,6 +263,8 @@ def makeRegistry(factory: EchoFactory, reactor: Any) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(EchoCollector(factory, reactor))
     registry.register(ProcessStats())
+    if guards is not None:
+        registry.register(DatagramCollector(guards))
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
@@ -393,10 +422,10 @@ class MetricsSite(Site):
         pass
 
 
-def makeSite(factory: EchoFactory, reactor: Any) -> MetricsSite:
+def makeSite(factory: EchoFactory, reactor: Any, guards: Any = None) -> MetricsSite:
     """The metrics site for C{factory}: C{/metrics}, and 404 for every other path."""
     root = Resource()
-    registry = makeRegistry(factory, reactor)
+    registry = makeRegistry(factory, reactor, guards)
     root.putChild(b"metrics", MetricsPage(registry))
     site = MetricsSite(root, reactor)
     registry.register(MetricsPortCollector(site))

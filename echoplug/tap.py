@@ -5,13 +5,17 @@ shape of C{twisted/web/tap.py}.
 
 A bare port number means TCP on 127.0.0.1, as the original select() server
 bound localhost; anything else is a Twisted server endpoint string
-(C{tcp:}, C{tcp6:}, C{unix:}, C{ssl:}, C{systemd:}).
+(C{tcp:}, C{tcp6:}, C{unix:}, C{ssl:}, C{systemd:}). UDP is opt-in and
+has its own two forms, C{udp:PORT[:interface=ADDR]} (127.0.0.1 unless an
+interface is given) and C{systemd-udp:name=NAME} or C{systemd-udp:index=N}
+for a systemd C{ListenDatagram=} socket (L{echoplug.udp}).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -59,6 +63,22 @@ def endpointDescription(port: str, option: str = "--port") -> str:
             f"{option} {port!r}: not a port number or an endpoint (such as tcp:10000)"
         )
     return port
+
+
+def parseDatagramEndpoint(description: str) -> Any:
+    """
+    The UDP endpoint for a C{udp:} or C{systemd-udp:} description.
+
+    @raise usage.UsageError: for anything wrong with it, in one line.
+    """
+    from twisted.internet import reactor
+
+    from echoplug.udp import datagramEndpoint
+
+    try:
+        return datagramEndpoint(reactor, description)
+    except ValueError as e:
+        raise usage.UsageError(f"--port {description}: {e}") from None
 
 
 def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndpoint:
@@ -234,6 +254,10 @@ class Options(usage.Options):
          "apart; unacknowledged data for as long closes it too). 0: off."],
         ["peer-prefix", None, DEFAULT_PEER_PREFIX, "V4,V6: --max-connections-per-peer "
          "counts the clients of one IPv4 /V4 or IPv6 /V6 network as one peer."],
+        ["udp-rate", None, None, "Echo at most N datagrams a second to one source "
+         "address (bursts of up to N); drop the rest. [default: 100]"],
+        ["udp-rate-total", None, None, "Echo at most N datagrams a second in all "
+         "(bursts of up to N); drop the rest. [default: 10000]"],
         ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
          "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
          "required (close a connection without one), optional (serve one without it "
@@ -246,6 +270,8 @@ class Options(usage.Options):
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
          "like the original select() server. Slow: for debugging only."],
+        ["udp-allow-low-ports", None, "Echo datagrams from source ports below 1024 "
+         "too (dropped by default: other UDP services live there). For labs."],
     ]
     compData = usage.Completions(
         optActions={
@@ -260,7 +286,7 @@ class Options(usage.Options):
         self["ports"] = []
 
     def opt_port(self, port: str) -> None:
-        """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug. [default: 10000]"""  # noqa: E501
+        """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug; UDP: udp:10000 (127.0.0.1), udp:10000:interface=\\:\\:1, systemd-udp:name=echoplug-udp. [default: 10000]"""  # noqa: E501
         self["ports"].append(endpointDescription(port))
 
     opt_p = opt_port
@@ -292,7 +318,8 @@ class Options(usage.Options):
         if self["proxy-protocol"] not in PROXY_MODES:
             raise usage.UsageError(f"--proxy-protocol {self['proxy-protocol']!r}: choose one "
                                    f"of {', '.join(PROXY_MODES)}")
-        for cap in ("max-connections", "max-connections-per-peer"):
+        for cap in ("max-connections", "max-connections-per-peer", "udp-rate",
+                    "udp-rate-total"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
         self["max-buffered"] = size("--max-buffered", self["max-buffered"]) or None
@@ -315,8 +342,15 @@ class Options(usage.Options):
                     # the echo protocol: the header would reach OpenSSL.
                     raise usage.UsageError(f"--proxy-protocol does not work with TLS "
                                            f"listeners ({d}): let the balancer end TLS")
+        from echoplug.udp import DEFAULT_RATE, DEFAULT_RATE_TOTAL, isDatagramDescription
+
+        self["udp-rate"] = self["udp-rate"] or DEFAULT_RATE
+        self["udp-rate-total"] = self["udp-rate-total"] or DEFAULT_RATE_TOTAL
         self["endpoints"] = [(d, parseEndpoint(withDefaults(d, self["backlog"])))
-                             for d in self["ports"]]
+                             for d in self["ports"]
+                             if not isDatagramDescription(d)]
+        self["datagram-endpoints"] = [(d, parseDatagramEndpoint(d)) for d in self["ports"]
+                                      if isDatagramDescription(d)]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")
             try:
@@ -356,18 +390,36 @@ def makeService(config: Options) -> IService:
                           drainTimeout=config["drain-timeout"])
     for description, endpoint in config["endpoints"]:
         service.listen(description, endpoint)
+    guards = None
+    if config["datagram-endpoints"]:
+        guards = listenDatagrams(config, service)
     if config["metrics"] is not None:
         from twisted.internet import reactor
 
         from echoplug.metrics import MetricsListener, makeSite
 
         MetricsListener(f"--metrics {config['metrics']}", config["metrics-endpoint"],
-                        makeSite(factory, reactor)).setServiceParent(service)
+                        makeSite(factory, reactor, guards)).setServiceParent(service)
     # Last, so that it is stopped first: STOPPING=1 as shutdown begins.
     notifier = notifierFor(service)
     if notifier is not None:
         notifier.setServiceParent(service)
     return service
+
+
+def listenDatagrams(config: Options, service: EchoService) -> Any:
+    """
+    A UDP listener per C{udp:} or C{systemd-udp:} port, sharing one set of
+    guards (limits, own ports, counters); return the guards.
+    """
+    from echoplug.udp import DatagramEcho, DatagramGuards, DatagramListener, TracingDatagramEcho
+
+    guards = DatagramGuards(rate=config["udp-rate"], rateTotal=config["udp-rate-total"],
+                            allowLowPorts=config["udp-allow-low-ports"])
+    protocol = TracingDatagramEcho if config["trace"] else DatagramEcho
+    for description, endpoint in config["datagram-endpoints"]:
+        DatagramListener(description, endpoint, protocol(guards)).setServiceParent(service)
+    return guards
 
 
 def logObserver(config: Options) -> ILogObserver | None:

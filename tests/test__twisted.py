@@ -265,3 +265,29 @@ def test_endpoint_arguments() -> None:
         ["unix", "/x:y.sock"], {"mode": "600"})
     assert _twisted.endpointArguments("tcp:port=1:backlog=9") == (
         ["tcp"], {"port": "1", "backlog": "9"})
+
+
+# Endpoint descriptions: the udp: and systemd-udp: forms.
+
+
+def test_pinned_endpoint_description_split() -> None:
+    assert _twisted.endpointArguments(r"udp:7:interface=\:\:1") == (
+        ["udp", "7"], {"interface": "::1"})
+    assert _twisted.endpointArguments("systemd-udp:name=a\\:b") == (
+        ["systemd-udp"], {"name": "a:b"})
+
+
+def test_pinned_systemd_descriptor(monkeypatch) -> None:
+    """The systemd: parser's descriptors (read once, at import) and the endpoint's fileno."""
+    from twisted.internet import endpoints
+    from twisted.python.systemd import ListenFDs
+
+    assert isinstance(endpoints._SystemdParser._sddaemon, ListenFDs)
+    monkeypatch.setattr(endpoints._SystemdParser, "_sddaemon",
+                        ListenFDs([7, 8], ("echoplug", "echoplug-udp")))
+    assert _twisted.systemdDescriptor(reactor, "name=echoplug-udp") == 8
+    assert _twisted.systemdDescriptor(reactor, "index=0") == 7
+    with pytest.raises(KeyError):
+        _twisted.systemdDescriptor(reactor, "name=other")
+    with pytest.raises(IndexError):
+        _twisted.systemdDescriptor(reactor, "index=2")
