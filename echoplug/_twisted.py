@@ -62,7 +62,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.internet import abstract, endpoints, main, selectreactor
+from twisted.internet import abstract, main, selectreactor
 from twisted.logger import FileLogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
