@@ -42,6 +42,12 @@ speed.
                                         "name!conversion:spec"      formatEvent reads it
     pytest_twisted._install_reactor     pytest-twisted's installer  installTestReactor: the
                                                                     tests' reactor by name
+    endpoints._parse                    serverFromString's split    endpointArguments: udp:
+                                        of a description (colons    descriptions, escaped as
+                                        escaped with backslashes)   TCP ones are
+    AdoptedStreamServerEndpoint.fileno  the descriptor a systemd:   systemdDescriptor: find a
+                                        endpoint found by name or   ListenDatagram= socket as
+                                        index (undocumented)        systemd: finds a stream
     ==================================  ==========================  ===========================
 
 The eager write's closure (L{eagerWrite}) runs once per message: it reads
@@ -52,10 +58,11 @@ lived in L{echoplug.eager}, which decides when to use it.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.internet import main, selectreactor
+from twisted.internet import abstract, main, selectreactor
 from twisted.logger import FileLogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
@@ -101,14 +108,16 @@ def usesTLS(transport: Any) -> bool:
     return bool(transport.TLS)
 
 
-def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+def eagerWrite(transport: Any,
+               queued: Callable[[], None] | None = None) -> Callable[[bytes], None]:
     """
     A write function for a plain TCP or UNIX transport (L{echoplug.eager}
     decides which) that calls C{socket.send} at once when nothing is queued,
     no producer is paused and no close is under way, and hands only the
     remainder to C{transport.write}, so the transport's own buffering,
     producer pausing, half-close and abort logic see exactly what they
-    would have seen otherwise.
+    would have seen otherwise. C{queued}, if given, is called after the
+    remainder of a send went into the empty buffer: off the fast path.
     """
     send = transport.socket.send
     write = transport.write
@@ -129,6 +138,8 @@ def eagerWrite(transport: Any) -> Callable[[bytes], None]:
             sent = 0
         if sent < len(data):
             write(data[sent:])
+            if queued is not None:
+                queued()
 
     return eagerWrite
 
@@ -154,6 +165,40 @@ def closeNow(transport: Any) -> None:
     transport.stopReading()
     transport.stopWriting()
     transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+# Endpoint descriptions: echoplug's udp: and systemd-udp: forms follow
+# Twisted's conventions by using Twisted's own parsing.
+
+
+def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description exactly as C{serverFromString} does:
+    positional arguments (the prefix first) and C{key=value} ones, with
+    colons escaped by backslashes (C{interface=\\:\\:1}).
+    """
+    from twisted.internet.endpoints import _parse
+
+    args, kwargs = _parse(description)
+    return [str(a) for a in args], {str(k): str(v) for k, v in kwargs.items()}
+
+
+def systemdDescriptor(reactor: Any, which: str) -> int:
+    """
+    The descriptor that C{serverFromString(reactor, "systemd:domain=INET:"
+    + which)} would adopt (C{which} is C{name=NAME} or C{index=N}): the same
+    C{LISTEN_FDS} and C{LISTEN_FDNAMES}, which Twisted reads (and removes
+    from the environment) once, when C{twisted.internet.endpoints} is
+    imported, so a process can take stream and datagram sockets alike.
+
+    @raise KeyError: no socket of that name.
+    @raise IndexError: no socket at that index.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+    endpoint = serverFromString(reactor, f"systemd:domain=INET:{which}")
+    assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+    return int(endpoint.fileno)
 
 
 # twistd's log observer.
@@ -301,3 +346,105 @@ def installTestReactor(installer: Callable[[], None]) -> None:
     import pytest_twisted
 
     pytest_twisted._install_reactor(reactor_installer=installer, reactor_type=object)
+
+
+# The buffer bound: read size, and learning when a send buffer has drained.
+
+#: What Twisted reads per C{recv} and buffers before pausing a producer.
+DEFAULT_BUFFER_SIZE: int = abstract.FileDescriptor.bufferSize
+
+
+def setReadSize(transport: Any, size: int) -> None:
+    """
+    Make the socket transport under C{transport} read at most C{size} bytes
+    per C{recv}, and pause its streaming producer once more than C{size}
+    bytes wait to be sent: C{FileDescriptor} uses C{bufferSize} for both.
+    """
+    t = socketTransport(transport)
+    if hasattr(t, "dataBuffer"):
+        t.bufferSize = size
+
+
+def watchDrain(transport: Any) -> None:
+    """
+    Have C{transport} call its streaming producer's C{resumeProducing} once
+    its send buffer is empty, as C{FileDescriptor.doWrite} does after it has
+    paused the producer, without pausing it: the flag is all doWrite reads.
+    """
+    transport.producerPaused = True
+
+
+# Endpoint descriptions.
+
+
+# UNIX listeners: peer names of 4 characters.
+
+
+class _Name(tuple[Any, ...]):
+    """A UNIX peer name, held in a 1-tuple so that its length is never 4."""
+
+    __slots__ = ()
+
+
+def _unwrap(name: Any) -> Any:
+    return name[0] if type(name) is _Name else name
+
+
+class _GuardedAccept:
+    """
+    A listening socket whose C{accept} hides a 4-character peer name in a
+    L{_Name}. C{tcp.Port.doRead} takes any address of length 4 for an IPv6
+    4-tuple and calls C{getnameinfo} on it, which raises C{TypeError} for a
+    UNIX name such as C{"abcd"} or an abstract C{b"\\0abc"}, inside the
+    accept loop: a traceback per connection, and the client reset.
+    """
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        skt, name = self._socket.accept()
+        if len(name) == 4:
+            name = _Name((name,))
+        return skt, name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
+
+
+try:
+    from twisted.internet import unix
+except ImportError:  # pragma: no cover - platforms without AF_UNIX
+    unix = None  # type: ignore[assignment]
+else:
+
+    class GuardedUNIXPort(unix.Port):
+        """
+        C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
+        peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
+        transport class.
+        """
+
+        def _buildAddr(self, name: Any) -> Any:
+            return super()._buildAddr(_unwrap(name))
+
+        @staticmethod
+        def transport(  # type: ignore[override]
+                skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+                      reactor: Any) -> Any:
+            # The plain class, exactly: echoplug.eager recognises it.
+            return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
+
+
+def guardUNIXAccept(port: Any) -> None:
+    """
+    Make a listening C{unix.Port} (however it was made: a C{unix:} endpoint,
+    systemd, an adopted descriptor) accept clients bound to 4-character
+    names. Any other port is left as it is.
+    """
+    if unix is None or type(port) is not unix.Port or not hasattr(port, "socket"):
+        return
+    port.__class__ = GuardedUNIXPort
+    port.socket = _GuardedAccept(port.socket)

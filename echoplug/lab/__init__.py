@@ -9,12 +9,15 @@ as separate pieces.
     (L{echoplug.lab.wireecho}), stdlib asyncio and uvloop
     (L{echoplug.lab.asyncioecho}), a plain epoll echo in C (C{cecho.c}),
     gevent, tornado and trio (L{echoplug.lab.peers}) and Node.js
-    (C{nodeecho.js}) when installed; each server's poller calls are counted
+    (C{nodeecho.js}) when installed; for the C{udp} workload, the same kinds
+    on UDP (the asyncio peer's C{DatagramProtocol} echo, C{cudpecho.c}:
+    epoll, C{recvfrom}, C{sendto}); each server's poller calls are counted
     by a preloaded C{pollcount.c};
   - the load clients: C{cload.c} (the default) or L{echoplug.lab.load}
     (Twisted), closed loop, one process per share of the connections; the C
     one keeps a Python server busy where the Twisted one cannot;
-  - L{echoplug.lab.cbuild}: builds C{cload.c}, C{cecho.c} and C{pollcount.c}
+  - L{echoplug.lab.cbuild}: builds C{cload.c}, C{cecho.c}, C{cudpecho.c} and
+    C{pollcount.c}
     on first use;
   - L{echoplug.lab.runner}: the sweep: idle connections, warm-up, the
     measured window, interleaved repeats and their medians;

@@ -23,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 WHAT = {"cload": "the C load client", "cecho": "the C echo peer (c-epoll)",
+        "cudpecho": "the C UDP echo peer (c-epoll, --workload udp)",
         "pollcount": "the poller-call counter"}
 SHARED = {"pollcount": ["-shared", "-fPIC", "-ldl"]}
 

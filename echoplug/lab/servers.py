@@ -34,10 +34,16 @@ billed to the server process, in user space and in system calls. Its
 wake-ups are its poller calls (C{select}, C{poll}, C{epoll_wait} and their
 kin), counted by a small preloaded shared object (C{pollcount.c}) into a
 file beside its log.
+
+For the C{udp} workload each kind serves UDP on its port instead: echoplug
+with C{--port udp:PORT}, asyncio and uvloop with the C{DatagramProtocol}
+echo, c-epoll with C{cudpecho.c} (epoll, C{recvfrom}, C{sendto}); there is no
+UDP wire-echo. A UDP server is ready once it echoes a probe datagram.
 """
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -95,6 +101,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     argv: list[str] = field(default_factory=list)
+    transport: str = "tcp"  # or "udp"
     calls: Path | None = None  # the poller-call counter (L{counted})
 
     @property
@@ -141,9 +148,11 @@ class Server:
                 self.proc.wait()
 
 
-def command(kind: str, reactor: str, port: int,
-            serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+def command(kind: str, reactor: str, port: int, serverArgs: Sequence[str],
+            transport: str = "tcp") -> tuple[list[str], dict[str, str]]:
     """The argv and extra environment that start C{kind} on C{port}."""
+    if transport == "udp":
+        return udpCommand(kind, reactor, port, serverArgs)
     if kind == "echoplug":
         return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
                  "--port", f"tcp:{port}:interface=127.0.0.1", *serverArgs], {})
@@ -169,10 +178,30 @@ def command(kind: str, reactor: str, port: int,
     raise ValueError(f"unknown server kind {kind!r}")
 
 
-def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ()) -> Server:
+def udpCommand(kind: str, reactor: str, port: int,
+               serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """L{command} for the C{udp} workload."""
+    if kind == "echoplug":
+        return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
+                 "--port", f"udp:{port}", *serverArgs], {})
+    if kind in ("asyncio", "uvloop"):
+        extra = ["--uvloop"] if kind == "uvloop" else []
+        return [sys.executable, "-m", "echoplug.lab.asyncioecho", "--udp", *extra, str(port)], {}
+    if kind == "c-epoll":
+        from echoplug.lab import cbuild
+
+        try:
+            return [str(cbuild.build("cudpecho")), str(port)], {}
+        except cbuild.BuildError as e:
+            raise ServerError(str(e)) from None
+    raise ServerError(f"{kind} has no UDP echo")
+
+
+def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
+          transport: str = "tcp") -> Server:
     """Start a server; do not wait for it (see L{waitReady})."""
-    port = procs.freePort()
-    argv, extra = command(kind, reactor, port, list(serverArgs))
+    port = procs.freePort(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+    argv, extra = command(kind, reactor, port, list(serverArgs), transport)
     logDir.mkdir(parents=True, exist_ok=True)
     log = logDir / f"{kind}-{reactor}-{port}.log"
     calls = counted(extra, (logDir / f"{kind}-{reactor}-{port}.calls").resolve())
@@ -180,7 +209,7 @@ def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ())
         proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=procs.childEnv(extra),
                                 start_new_session=True)
-    return Server(kind, reactor, port, proc, log, argv, calls)
+    return Server(kind, reactor, port, proc, log, argv, transport, calls)
 
 
 def counted(env: dict[str, str], path: Path) -> Path | None:
@@ -209,8 +238,9 @@ def waitReady(server: Server, timeout: float = 30.0) -> None:
 
     @raise ServerError: if it exits first or does not answer in time.
     """
+    wait = procs.waitForUDPEcho if server.transport == "udp" else procs.waitForPort
     try:
-        listening = procs.waitForPort(server.port, timeout, server.alive)
+        listening = wait(server.port, timeout, server.alive)
     except TimeoutError:
         raise ServerError(f"{server.name} did not listen within {timeout:g}s") from None
     if not listening:
@@ -219,10 +249,10 @@ def waitReady(server: Server, timeout: float = 30.0) -> None:
 
 
 def start(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
-          timeout: float = 30.0, tries: int = 3) -> Server:
+          timeout: float = 30.0, tries: int = 3, transport: str = "tcp") -> Server:
     """Start a server and wait until it listens, retrying a port taken meanwhile."""
     for attempt in range(tries):
-        server = spawn(kind, reactor, logDir, serverArgs)
+        server = spawn(kind, reactor, logDir, serverArgs, transport)
         try:
             waitReady(server, timeout)
             return server
