@@ -7,6 +7,7 @@ markdown, the plots and a progress bar; a capped point and the peers.
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -25,8 +26,8 @@ def runBench(*args: str, cwd, timeout: float = 60) -> subprocess.CompletedProces
 
 
 def readCsv(path) -> list[dict[str, str]]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    with path.open() as f:  # the conditions come first, as "# name: value" lines
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
 @pytest.mark.parametrize(("args", "why"), [
@@ -41,9 +42,12 @@ def readCsv(path) -> list[dict[str, str]]:
     (["--server-args", "'unclosed"], "--server-args: No closing quotation"),
     (["--no-echoplug"], "nothing to measure"),
     (["--replot", "--out", "nowhere"], "cannot read nowhere/results.csv"),
+    (["--dead", "0,x"], "--dead: '0,x'"),
     (["--workload", "udp", "--load", "twisted"], "only the C load client sends datagrams"),
     (["--workload", "udp", "--idle", "0,10"], "a UDP server has no idle connections"),
     (["--workload", "udp", "--peer", "wire-echo"], "wire-echo is TCP only"),
+    (["--workload", "udp", "--peer", "trio", "--peer", "node"], "trio, node is TCP only"),
+    (["--workload", "udp", "--dead", "0,100"], "no idle connections (no --dead)"),
 ])
 def test_bad_options_are_one_line(args, why, tmp_path) -> None:
     done = runBench(*args, cwd=tmp_path)
@@ -71,7 +75,6 @@ def test_no_compiler(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("load", ["c", "twisted"])
 def test_tiny_sweep(tmp_path, load: str) -> None:
     done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
@@ -90,7 +93,7 @@ def test_tiny_sweep(tmp_path, load: str) -> None:
     assert "| echoplug | epoll | 2 | 0 |" in done.stdout
     for png in ("cpu_vs_idle.png", "latency_vs_connections.png", "summary.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "1/1 points, 1/1 runs" in done.stderr  # the progress bar
+    assert "1/1 runs, 1/1 points" in done.stderr  # the progress bar
     assert f"echoplug-bench: load client {load} (" in done.stderr
     assert list((out / "logs").iterdir())  # the server's output, kept
     for png in out.glob("*.png"):
@@ -146,7 +149,7 @@ def test_server_args_variants_measured_in_turns(tmp_path) -> None:
     assert "| echoplug[--log-level warn] | epoll |" in (out / "results.md").read_text()
     # Each variant ran with its own arguments: only the default one logged
     # an access line per connection.
-    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     assert sum("bytes received" in text for text in logs.values()) == 1, list(logs)
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -213,6 +216,73 @@ def test_c_epoll_peer_end_to_end(tmp_path) -> None:
     assert float(row["msgs_per_s"]) > 0
 
 
+def test_a_peer_not_installed_is_skipped_with_a_reason(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(servers.OPTIONAL, "gevent", "no_such_module_for_echoplug")
+    options = bench.parseArgs(["--peer", "gevent", "--peer", "asyncio", "--load", "twisted"])
+    assert options.peer == ["asyncio"]
+    assert capsys.readouterr().err == (
+        "echoplug-bench: skipping --peer gevent: no_such_module_for_echoplug is not installed "
+        "(pip install no_such_module_for_echoplug)\n")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert servers.missing("node") == "node is not on the PATH"
+
+
+def test_the_dead_connection_curve_adds_points() -> None:
+    options = bench.parseArgs(["--connections", "1,10", "--idle", "0", "--size", "64,1024",
+                               "--dead", "0,2000,5000", "--load", "twisted"])
+    assert [(p.connections, p.idle, p.size) for p in bench.points(options)] == [
+        (1, 0, 64), (10, 0, 64), (1, 0, 1024), (10, 0, 1024), (1, 2000, 64), (1, 5000, 64)]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_records_spread_conditions_and_compares(tmp_path) -> None:
+    """
+    Three runs of two servers: the spread columns, the conditions in the CSV,
+    markdown and JSON, every run in the JSON, and the sweep compared with
+    itself (identical sets: within noise) and with itself doubled (slower).
+    """
+    done = runBench("--reactors", "epoll", "--peer", "asyncio", "--connections", "2",
+                    "--idle", "0", "--dead", "0,40", "--size", "64", "--duration", "0.3",
+                    "--warmup", "0.1", "--repeat", "3", "--no-plots", "--out", "out",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    rows = readCsv(out / "results.csv")
+    assert [(r["server"], r["connections"], r["idle"]) for r in rows] == [
+        ("echoplug", "2", "0"), ("asyncio", "2", "0"), ("echoplug", "1", "0"),
+        ("asyncio", "1", "0"), ("echoplug", "1", "40"), ("asyncio", "1", "40")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        for figure in ("msgs_per_s", "cpu_us_per_msg", "p50_us"):
+            low, high = float(r[f"{figure}_min"]), float(r[f"{figure}_max"])
+            lo, hi = float(r[f"{figure}_lo"]), float(r[f"{figure}_hi"])
+            assert low <= lo <= float(r[figure]) <= hi <= high, (figure, r)
+        assert float(r["others_pct"]) >= 0
+        if cbuild.compiler() is not None:
+            assert float(r["wakeups_per_msg"]) > 0  # the poller calls were counted
+    head = (out / "results.csv").read_text()
+    for name in ("# CPU: ", "# nproc: ", "# kernel: Linux", "# Python: ", "# Twisted: ",
+                 "# echoplug: ", "# git commit: ", "# load client: ", "# load average before: ",
+                 "# load average after: ", "# steal time, % of CPU time: "):
+        assert name in head
+    text = (out / "results.md").read_text()
+    assert "## Conditions" in text and "| load average after |" in text
+    assert "95% interval" in text and "## Dead connections" in text
+    document = json.loads((out / "results.json").read_text())
+    assert document["conditions"]["nproc"] >= 1
+    assert document["command"].startswith("echoplug-bench --reactors epoll")
+    assert [len(r["samples"]) for r in document["rows"]] == [3] * 6
+    assert document["rows"][0]["samples"][0]["cpu_us_per_msg"] > 0
+    same = runBench("compare", "out/results.csv", "out/results.csv", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert "0 faster, 0 slower, 6 within noise of 6" in same.stdout
+    for row in document["rows"]:
+        for sample in row["samples"]:
+            sample["cpu_us_per_msg"] *= 2
+    (tmp_path / "double").mkdir()
+    (tmp_path / "double" / "results.json").write_text(json.dumps(document))
+    double = runBench("compare", "out/results.csv", "double", cwd=tmp_path)
+    assert "0 faster, 6 slower, 0 within noise of 6" in double.stdout, double.stdout
 @pytest.mark.slow
 def test_tiny_udp_sweep(tmp_path) -> None:
     peers = ["--peer", "asyncio"] + (["--peer", "c-epoll"] if cbuild.compiler() else [])

@@ -6,6 +6,7 @@ per workload and size, capped rows shown as capped) and the PNG plots.
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -62,8 +63,61 @@ def test_markdown_one_table_per_size() -> None:
     assert "## load, 64-byte messages" in text
     assert "## load, 1024-byte messages" in text
     assert "echoplug-bench --x" in text
-    assert f"| echoplug | select | 10 | 1000 |  |  |  |  |  | 0 | {CAPPED} |" in text
+    assert (f"| echoplug | select | 10 | 1000 |  |  |  |  |  |  |  |  |  | 0 | {CAPPED} |"
+            in text)
     assert "error: load client: echo mismatch" in text
+
+
+def spreadRow() -> Row:
+    return Row("echoplug", "poll", "load", 10, 0, 64, 9000.0, 20.0, 300.0, 900.0, 1500.0, 3,
+               spread={"msgs_per_s_min": 8000.0, "msgs_per_s_max": 9500.0,
+                       "cpu_us_per_msg_min": 18.0, "cpu_us_per_msg_max": 25.0,
+                       "cpu_us_per_msg_lo": 18.5, "cpu_us_per_msg_hi": 24.0},
+               others_pct=3.0,
+               samples=[{"cpu_us_per_msg": v, "msgs_per_s": 9000.0} for v in (18, 20, 25)])
+
+
+CONDITIONS = {"cpu": "AMD EPYC", "nproc": 2, "kernel": "Linux 6", "python": "3.11.7",
+              "twisted": "26.10.0", "echoplug": "0.1.0", "commit": None,
+              "load_client": "c (cload)", "loadavg_before": [0.5, 0.4, 0.3],
+              "loadavg_after": [0.6, 0.4, 0.3], "steal_pct": 0.1, "windows": 3,
+              "others_mean_cores": 0.02, "others_worst_cores": 0.04, "noisy_windows": 0,
+              "quiet": True}
+
+
+def test_markdown_shows_the_spread_and_the_conditions() -> None:
+    text = report.markdown([spreadRow()], conditions=CONDITIONS)
+    assert ("| echoplug | poll | 10 | 0 | 9000 | 8000 to 9500 | 20.0 | 18.5 to 24.0 "
+            "| 18.0 to 25.0 | 300 | 900 | 1500 | 3 | 3 | ok |") in text
+    assert "| CPU | AMD EPYC |" in text and "| load client | c (cload) |" in text
+    assert "| git commit | none |" in text
+    assert "Warning" not in text
+    busy = {**CONDITIONS, "quiet": False, "others_mean_cores": 0.4, "noisy_windows": 2}
+    assert "> **Warning:** the machine was not quiet" in report.markdown([], conditions=busy)
+
+
+def test_csv_and_json_keep_spread_conditions_and_runs(tmp_path) -> None:
+    report.writeCsv([spreadRow()], tmp_path / "results.csv", CONDITIONS)
+    head = (tmp_path / "results.csv").read_text().splitlines()
+    assert "# CPU: AMD EPYC" in head and "# load average before: 0.5 0.4 0.3" in head
+    [back] = report.readCsv(tmp_path / "results.csv")
+    assert back.value("cpu_us_per_msg_lo") == 18.5 and back.others_pct == 3.0
+    assert math.isnan(back.value("p50_us_lo"))
+    report.writeJson([spreadRow()], tmp_path / "results.json", CONDITIONS, "echoplug-bench x")
+    rows, conditions, command = report.readJson(tmp_path / "results.json")
+    assert conditions == CONDITIONS and command == "echoplug-bench x"
+    assert [s["cpu_us_per_msg"] for s in rows[0].samples] == [18, 20, 25]
+    assert rows[0].value("cpu_us_per_msg_hi") == 24.0
+    assert math.isnan(rows[0].value("p99_us_lo"))  # NaN went out as null and came back
+
+
+def test_a_csv_from_before_the_spread_reads(tmp_path) -> None:
+    path = tmp_path / "results.csv"
+    path.write_text("server,reactor,workload,connections,idle,size,msgs_per_s,cpu_us_per_msg,"
+                    "p50_us,p99_us,p999_us,runs,status\n"
+                    "echoplug,poll,load,1,0,64,100.0,20.0,30,40,50,3,ok\n")
+    [row] = report.readCsv(path)
+    assert row.cpu_us_per_msg == 20.0 and math.isnan(row.value("cpu_us_per_msg_min"))
 
 
 def test_churn_is_per_connection() -> None:
@@ -75,7 +129,9 @@ def test_churn_is_per_connection() -> None:
 @pytest.mark.slow
 def test_plots_are_pngs(tmp_path) -> None:
     made = report.plot(rows(), tmp_path)
-    assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "latency_vs_connections.png"]
+    # Several idle counts per server: the dead-connection curve too.
+    assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "dead_connections.png",
+                                            "latency_vs_connections.png"]
     for path in made:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from echoplug.lab import procs, runner, servers
+from echoplug.lab import idle, procs, runner, servers
 from echoplug.lab.runner import CAPPED, Point, Row, Sample, Settings, Target
 
 
@@ -36,6 +37,11 @@ def test_summarize_takes_the_median_of_each_figure() -> None:
     assert row.msgs_per_s == 200
     assert row.cpu_us_per_msg == pytest.approx(20.0)
     assert row.p50_us == row.p99_us == 200
+    # The spread: min, max and (with 3 runs) the 95% interval of the median.
+    assert (row.value("msgs_per_s_min"), row.value("msgs_per_s_max")) == (100, 300)
+    assert row.value("cpu_us_per_msg_lo") == pytest.approx(10.0)
+    assert row.value("cpu_us_per_msg_hi") == pytest.approx(30.0)
+    assert [s["cpu_us_per_msg"] for s in row.samples] == pytest.approx([30.0, 10.0, 20.0])
 
 
 def test_split_spreads_connections() -> None:
@@ -56,17 +62,42 @@ def test_select_is_capped_near_fd_setsize(target, idle, active, capped) -> None:
     assert runner.isCapped(target, Point("load", active, idle, 64)) is capped
 
 
+def serverFds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
 @pytest.mark.slow
 def test_idle_connections_are_accepted_and_held(tmp_path) -> None:
+    """From several source addresses in turn, each echoed once, held until closed."""
     server = servers.start("echoplug", "poll", tmp_path)
     try:
-        held = runner.openIdle(server.port, 120)
+        held = idle.openIdle(server.port, 120, sources=("127.0.0.2", "127.0.0.3"))
         try:
             assert len(held) == 120
-            fds = len(list(Path(f"/proc/{server.pid}/fd").iterdir()))
-            assert fds >= 120  # the server holds every one
+            assert {s.getsockname()[0] for s in held} == {"127.0.0.2", "127.0.0.3"}
+            assert serverFds(server.pid) >= 120  # the server holds every one
         finally:
-            runner.closeAll(held)
+            idle.closeAll(held)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_idle_helpers_hold_their_shares(tmp_path, monkeypatch) -> None:
+    """Past PER_HELPER connections, more helper processes, none in the bench."""
+    monkeypatch.setattr(idle, "PER_HELPER", 50)
+    assert idle.shares(120) == [50, 50, 20]
+    server = servers.start("echoplug", "epoll", tmp_path)
+    try:
+        mine = serverFds(os.getpid())
+        held = idle.Held(server.port, 120, timeout=10)
+        try:
+            assert len(held.procs) == 3 and all(p.poll() is None for p in held.procs)
+            assert serverFds(server.pid) >= 120
+            assert serverFds(os.getpid()) <= mine + 6  # only the helpers' pipes
+        finally:
+            held.close()
+        assert [p.returncode for p in held.procs] == [0, 0, 0]
     finally:
         server.stop()
 
@@ -86,12 +117,13 @@ def test_a_point_that_cannot_run_is_a_row_not_a_crash(tmp_path) -> None:
 def test_progress_shows_points_runs_and_time_left() -> None:
     out = io.StringIO()
     progress = runner.Progress(points=3, runs=6, perRun=2.5, stream=out)
-    assert "0/3 points, 0/6 runs, 0m15s left" in progress.text()
+    assert "0/6 runs, 0/3 points, 00:15 left" in progress.text()  # from the first guess
     progress.run()
     progress.run()
     progress.point()
-    assert "1/3 points, 2/6 runs" in out.getvalue()
+    assert "[########                ] 2/6 runs, 1/3 points" in out.getvalue()
     assert out.getvalue().endswith("left\n")  # not a terminal: one line per point
+    progress.finish()
 
 
 def serverTicks(pid: int) -> int:
@@ -146,7 +178,7 @@ def test_the_lab_agrees_with_a_blocking_socket_client(tmp_path) -> None:
             independent[1] += blockingLoad(socks, 0.5)
             independent[0] += serverTicks(server.pid) - before
     finally:
-        runner.closeAll(socks)
+        idle.closeAll(socks)
         server.stop()
     labUs = lab[0] * 1e6 / lab[1]
     independentUs = independent[0] * 1e6 / procs.TICKS / independent[1]
@@ -157,3 +189,6 @@ def test_row_knows_its_state() -> None:
     row = Row("echoplug", "select", "load", 1, 1000, 64, status=CAPPED)
     assert row.capped and not row.ok
     assert set(row.asDict()) == set(runner.COLUMNS)
+    assert {"cpu_us_per_msg_min", "cpu_us_per_msg_max", "cpu_us_per_msg_lo",
+            "cpu_us_per_msg_hi", "others_pct", "wakeups_per_msg"} <= set(runner.COLUMNS)
+    assert row.key == ("echoplug", "select", "load", 1, 1000, 64)

@@ -171,3 +171,43 @@ def test_waiting_for_a_udp_echo_that_never_comes() -> None:
         with pytest.raises(TimeoutError, match="no UDP echo"):
             procs.waitForUDPEcho(s.getsockname()[1], timeout=0.5)
     assert procs.waitForUDPEcho(1, timeout=5, alive=lambda: False) is False
+
+
+def peerParam(kind: str):
+    why = servers.missing(kind)
+    return pytest.param(kind, marks=pytest.mark.skipif(why is not None, reason=why or ""))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [peerParam(k) for k in ("gevent", "tornado", "trio", "node")])
+def test_optional_peer_is_byte_exact_under_the_load_client(kind, tmp_path) -> None:
+    """Each optional peer echoes every byte the load client checks, and bills its CPU."""
+    from echoplug.lab import runner
+
+    server = servers.start(kind, servers.STANDALONE[kind], tmp_path)
+    try:
+        payload = bytes(range(256)) * 40
+        assert echoOnce(server.port, payload) == payload
+        settings = runner.Settings(duration=0.3, warmup=0.1, load="c" if HAVE_CC else "twisted",
+                                   logDir=tmp_path)
+        sample = runner.measure(server, runner.Point("load", 3, 0, 4096), settings)
+        assert sample.messages > 0 and sample.cpuSeconds >= 0
+        if HAVE_CC:
+            assert sample.wakeups > 0  # its poller calls were counted
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_CC, reason="no cc")
+def test_poller_calls_are_counted(tmp_path) -> None:
+    """One message, one blocking poll at least: the preloaded counter moves."""
+    server = servers.start("echoplug", "poll", tmp_path)
+    try:
+        before = server.wakeups()
+        for _ in range(5):
+            assert echoOnce(server.port, b"x") == b"x"
+        assert server.wakeups() >= before + 5
+        assert server.calls is not None and server.calls.parent == tmp_path.resolve()
+    finally:
+        server.stop()

@@ -7,18 +7,31 @@ as separate pieces.
     echoplug under C{twistd -r R} (one or more variants of its arguments),
     and the peers: stock C{wire.Echo} under the same reactor
     (L{echoplug.lab.wireecho}), stdlib asyncio and uvloop
-    (L{echoplug.lab.asyncioecho}), a plain epoll echo in C (C{cecho.c}); for
-    the C{udp} workload, the same kinds on UDP (the asyncio peer's
-    C{DatagramProtocol} echo, C{cudpecho.c}: epoll, C{recvfrom}, C{sendto});
+    (L{echoplug.lab.asyncioecho}), a plain epoll echo in C (C{cecho.c}),
+    gevent, tornado and trio (L{echoplug.lab.peers}) and Node.js
+    (C{nodeecho.js}) when installed; for the C{udp} workload, the same kinds
+    on UDP (the asyncio peer's C{DatagramProtocol} echo, C{cudpecho.c}:
+    epoll, C{recvfrom}, C{sendto}); each server's poller calls are counted
+    by a preloaded C{pollcount.c};
   - the load clients: C{cload.c} (the default) or L{echoplug.lab.load}
     (Twisted), closed loop, one process per share of the connections; the C
     one keeps a Python server busy where the Twisted one cannot;
-  - L{echoplug.lab.cbuild}: builds C{cload.c}, C{cecho.c} and C{cudpecho.c}
+  - L{echoplug.lab.cbuild}: builds C{cload.c}, C{cecho.c}, C{cudpecho.c} and
+    C{pollcount.c}
     on first use;
   - L{echoplug.lab.runner}: the sweep: idle connections, warm-up, the
     measured window, interleaved repeats and their medians;
-  - L{echoplug.lab.report}: C{results.csv}, C{results.md} and the plots
-    (C{summary.png} among them), also redrawn from a C{results.csv};
+  - L{echoplug.lab.idle}: the idle connections of a point, held by helper
+    processes from several loopback source addresses;
+  - L{echoplug.lab.stats}: the spread of the repeats, the ratio test of
+    C{compare}, least squares;
+  - L{echoplug.lab.conditions}: the machine, the versions, the load and the
+    other processes' CPU around the runs;
+  - L{echoplug.lab.curve}: the dead-connection fits and their plot;
+  - L{echoplug.lab.report}: C{results.csv}, C{results.json}, C{results.md}
+    and the plots (C{summary.png} among them), also redrawn from them;
+  - L{echoplug.lab.compare}: C{echoplug-bench compare A B}, B/A per point
+    and a verdict;
   - L{echoplug.lab.bench}: the C{echoplug-bench} command line;
   - L{echoplug.lab.soak}: C{echoplug-soak}, every reactor under many clients
     for a set time: mismatches and RSS over time;

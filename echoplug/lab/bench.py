@@ -5,6 +5,8 @@ in one command, and get a table and a picture.
 
     echoplug-bench --reactors select,poll,epoll --connections 1,10,100 \\
         --idle 0,100,1000 --size 64 --peer wire-echo --peer asyncio --out bench-out
+    echoplug-bench --reactors poll,epoll --dead 0,2000,5000 --out curve
+    echoplug-bench compare before/results.csv after/results.csv
 
 The pieces (servers, load client, runner, report) live in L{echoplug.lab} and
 L{echoplug.lab.load}; this module is the command line. A mistake in the options
@@ -16,17 +18,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from echoplug.lab import cbuild, report, runner
+from echoplug.lab import cbuild, conditions, report, runner
 from echoplug.lab.runner import Point, Settings, Target
-from echoplug.lab.servers import STANDALONE
+from echoplug.lab.servers import STANDALONE, missing
 
-PEERS = ("wire-echo", "asyncio", "uvloop", "c-epoll")
+PEERS = ("wire-echo", "asyncio", "uvloop", "c-epoll", "gevent", "tornado", "trio", "node")
+#: The peers with a UDP echo (the udp workload).
+UDP_PEERS = ("asyncio", "uvloop", "c-epoll")
+#: What the bench needs beyond echoplug's own dependencies: the bench extra.
+NEEDS = ("numpy", "scipy", "tqdm")
 DEFAULTS = {
     "load": {"connections": "1,10,100", "idle": "0,100,1000", "size": "64,1024,16384",
              "clients": 1},
@@ -125,8 +132,15 @@ def parser() -> Parser:
     p.add_argument("--peer", action="append", choices=PEERS, default=[],
                    help="also measure a peer server: wire-echo (stock twisted.protocols.wire."
                    "Echo under the same reactor), asyncio (stdlib asyncio), uvloop (the same "
-                   "on uvloop, if installed) or c-epoll (a plain epoll echo in C, built with "
-                   "cc); repeatable")
+                   "on uvloop), c-epoll (a plain epoll echo in C, built with cc), gevent "
+                   "(StreamServer), tornado (TCPServer), trio (serve_tcp) or node (Node.js "
+                   "net); repeatable; a peer not installed here is skipped with a reason")
+    p.add_argument("--dead", type=intList(0), default=[],
+                   help="the dead-connection curve: also measure these idle counts (for "
+                   "example 0,2000,5000,10000,15000) at --dead-connections active "
+                   "connections and the smallest --size; select stops at its wall")
+    p.add_argument("--dead-connections", type=count, default=1,
+                   help="active connections of the dead-connection curve [1]")
     p.add_argument("--no-echoplug", action="store_true",
                    help="measure the peers only")
     p.add_argument("--server-args", action="append", default=None,
@@ -148,7 +162,9 @@ def parser() -> Parser:
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--replot", action="store_true",
                    help="measure nothing: redraw results.md and the plots from --out's "
-                   "results.csv")
+                   "results.json (or results.csv)")
+    p.epilog = ("echoplug-bench compare A/results.csv B/results.csv compares two sweeps "
+                "(see echoplug-bench compare --help)")
     return p
 
 
@@ -181,8 +197,11 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error("--workload udp: only the C load client sends datagrams (--load c)")
         if options.idle != [0]:
             p.error("--workload udp: a UDP server has no idle connections (--idle 0)")
-        if "wire-echo" in options.peer:
-            p.error("--workload udp: wire-echo is TCP only")
+        if options.dead:
+            p.error("--workload udp: a UDP server has no idle connections (no --dead)")
+        tcpOnly = [k for k in options.peer if k not in UDP_PEERS]
+        if tcpOnly:
+            p.error(f"--workload udp: {', '.join(tcpOnly)} is TCP only")
     if not options.replot:
         # Build the C programs now: a missing compiler is one line, before any run.
         for name, wanted in (("cload", options.load == "c"),
@@ -195,8 +214,14 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
                     cbuild.build(name)
             except cbuild.BuildError as e:
                 p.error(str(e))
-        if "uvloop" in options.peer and importlib.util.find_spec("uvloop") is None:
-            p.error("--peer uvloop: uvloop is not installed (pip install uvloop)")
+        lacking = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+        if lacking:
+            p.error(f"{', '.join(lacking)} not installed: pip install 'echoplug[bench]'")
+        for peer in list(options.peer):
+            why = missing(peer)
+            if why:
+                print(f"{p.prog}: skipping --peer {peer}: {why}", file=sys.stderr)
+                options.peer.remove(peer)
     if options.no_echoplug and not options.peer:
         p.error("--no-echoplug leaves nothing to measure: add a --peer")
     return options
@@ -220,21 +245,36 @@ def targets(options: argparse.Namespace) -> list[Target]:
 
 
 def points(options: argparse.Namespace) -> list[Point]:
-    return [Point(options.workload, c, i, s)
+    """
+    The grid (sizes, active and idle connections), then the dead-connection
+    curve's points that the grid lacks.
+    """
+    grid = [Point(options.workload, c, i, s)
             for s in options.size for c in options.connections for i in options.idle]
+    dead = [Point(options.workload, options.dead_connections, i, min(options.size))
+            for i in options.dead]
+    return list(dict.fromkeys(grid + dead))
 
 
 def replot(out: Path) -> int:
-    """Redraw the table and the plots of an earlier sweep."""
+    """Redraw the table and the plots of an earlier sweep, with its runs if it kept them."""
+    source = out / "results.json"
+    conditions: dict[str, object] = {}
+    command = None
     try:
-        rows = report.readCsv(out / "results.csv")
-    except (OSError, KeyError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) else f"not a results.csv ({e})"
-        print(f"echoplug-bench: cannot read {out / 'results.csv'}: {why}", file=sys.stderr)
+        if source.exists():
+            rows, conditions, command = report.readJson(source)
+        else:
+            source = out / "results.csv"
+            rows = report.readCsv(source)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not a results file ({e})"
+        print(f"echoplug-bench: cannot read {source}: {why}", file=sys.stderr)
         return 2
     commandFile = out / "command.txt"
-    command = commandFile.read_text().strip() if commandFile.exists() else None
-    text = report.markdown(rows, command=command)
+    if command is None and commandFile.exists():
+        command = commandFile.read_text().strip()
+    text = report.markdown(rows, command=command, conditions=conditions)
     (out / "results.md").write_text(text)
     writePlots(rows, out)
     sys.stdout.write(text + "\n")
@@ -253,7 +293,12 @@ def writePlots(rows: list[runner.Row], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parseArgs(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["compare"]:
+        from echoplug.lab import compare
+
+        return compare.main(given[1:])
+    options = parseArgs(given)
     out: Path = options.out
     if options.replot:
         return replot(out)
@@ -270,23 +315,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = runner.Progress(len(sweepPoints),
                                runner.plan(sweepPoints, sweepTargets, options.repeat),
                                perRun=options.warmup + options.duration + 0.8)
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(given)
     if not any(a == "--load" or a.startswith("--load=") for a in args):
         args += ["--load", options.load]  # the figures depend on it: say which
     command = "echoplug-bench " + " ".join(shlex.quote(a) for a in args)
     (out / "command.txt").write_text(command + "\n")
     rows: list[runner.Row] = []
+    # Which client made the figures matters (a slow one idles the server):
+    # say it up front; command.txt, results.md and results.json record it too.
+    client = (f"c ({cbuild.build()})" if options.load == "c" else
+              f"twisted (python -m echoplug.lab.load, reactor {options.client_reactor})")
+    before = conditions.started(client)
+    cpuBefore = conditions.CpuTimes.read()
+
+    def now() -> dict[str, object]:
+        others = [s["others_cores"] for r in rows for s in r.samples
+                  if not math.isnan(s.get("others_cores", math.nan))]
+        return conditions.summary(before, cpuBefore, conditions.CpuTimes.read(), others)
 
     def save(newRows: list[runner.Row]) -> None:
         # Written after every point, so an interrupted sweep keeps what it had.
         rows.extend(newRows)
-        report.writeCsv(rows, out / "results.csv")
-        (out / "results.md").write_text(report.markdown(rows, command=command))
+        writeResults(rows, out, command, now())
 
-    # Which client made the figures matters (a slow one idles the server):
-    # say it up front; command.txt and results.md record it too.
-    client = (f"c ({cbuild.build()})" if options.load == "c" else
-              f"twisted (python -m echoplug.lab.load, reactor {options.client_reactor})")
     print(f"echoplug-bench: load client {client}", file=sys.stderr)
     progress.draw()
     try:
@@ -298,14 +349,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if not options.no_plots and rows:
         writePlots(rows, out)
+    final = now()
+    writeResults(rows, out, command, final)
+    warning = conditions.warning(final)
+    if warning:
+        print(f"echoplug-bench: warning: {warning}", file=sys.stderr)
     failed = [r for r in rows if r.status.startswith("error")]
     for r in failed:
         print(f"echoplug-bench: {r.server}/{r.reactor} at {r.connections} active, "
               f"{r.idle} idle, {r.size} B: {r.status}", file=sys.stderr)
-    print(f"echoplug-bench: wrote {out / 'results.csv'} and {out / 'results.md'}",
-          file=sys.stderr)
-    sys.stdout.write(report.markdown(rows, command=command) + "\n")
+    print(f"echoplug-bench: wrote {out / 'results.csv'}, {out / 'results.json'} and "
+          f"{out / 'results.md'}", file=sys.stderr)
+    sys.stdout.write(report.markdown(rows, command=command, conditions=final) + "\n")
     return 0
+
+
+def writeResults(rows: list[runner.Row], out: Path, command: str,
+                 sweep: dict[str, object]) -> None:
+    """results.csv, results.json and results.md, with the conditions so far."""
+    report.writeCsv(rows, out / "results.csv", sweep)
+    report.writeJson(rows, out / "results.json", sweep, command)
+    (out / "results.md").write_text(report.markdown(rows, command=command, conditions=sweep))
 
 
 if __name__ == "__main__":

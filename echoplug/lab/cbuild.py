@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_cload -*-
 """
 Build the lab's C programs, shipped as source beside this module, on first
-use: the load client (C{cload.c}) and the C epoll echo peer (C{cecho.c}).
+use: the load client (C{cload.c}), the C epoll echo peer (C{cecho.c}) and
+the poller-call counter preloaded into the servers (C{pollcount.c}, a shared
+object).
 Each binary is kept in a cache keyed by its source's digest, so an edited
 source is rebuilt and an unchanged one never is.
 
@@ -21,7 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 WHAT = {"cload": "the C load client", "cecho": "the C echo peer (c-epoll)",
-        "cudpecho": "the C UDP echo peer (c-epoll, --workload udp)"}
+        "cudpecho": "the C UDP echo peer (c-epoll, --workload udp)",
+        "pollcount": "the poller-call counter"}
+SHARED = {"pollcount": ["-shared", "-fPIC", "-ldl"]}
 
 
 class BuildError(Exception):
@@ -40,7 +44,8 @@ def cacheDir() -> Path:
 
 def build(name: str = "cload") -> Path:
     """
-    The path of the built program C{name} (C{cload} or C{cecho}), compiling
+    The path of the built program C{name} (C{cload}, C{cecho} or the shared
+    object C{pollcount}), compiling
     it if this source has not been compiled before.
 
     @raise BuildError: no compiler, or the compile failed.
@@ -61,7 +66,7 @@ def build(name: str = "cload") -> Path:
     fd, temp = tempfile.mkstemp(dir=binary.parent, prefix=f".{name}-")
     os.close(fd)
     try:
-        done = subprocess.run([cc, "-O2", "-o", temp, str(path)],
+        done = subprocess.run([cc, "-O2", "-o", temp, str(path), *SHARED.get(name, [])],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["(no message)"])[0]

@@ -1,53 +1,110 @@
 # -*- test-case-name: tests.test_report -*-
 """
-The lab's output: C{results.csv} (one row per server and point), C{results.md}
-(one table per message size, as vmbench reports), and PNG plots: CPU
-against idle connections, latency against active connections, and
-C{summary.png}, the CPU per message of every server at every point.
+The lab's output: C{results.csv} (one row per server and point, each figure
+with its spread), C{results.json} (the same rows with every run's figures,
+and the conditions), C{results.md} (the conditions, then one table per
+message size, as vmbench reports, and the dead-connection fits), and PNG
+plots with error bars: CPU against idle connections, latency against active
+connections, C{summary.png} (the CPU per message of every server at every
+point) and C{dead_connections.png} (L{echoplug.lab.curve}).
 
-matplotlib is imported only when plots are drawn, and only the C{bench}
-extra installs it: the sweep itself, the CSV and the tables need nothing
-beyond the standard library.
+The CSV begins with the conditions as C{# name: value} lines
+(C{pandas.read_csv(path, comment="#")} skips them); L{readCsv} does too.
+
+matplotlib is imported only when plots are drawn; it, numpy and scipy come
+with the C{bench} extra.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from echoplug.lab.runner import COLUMNS, FD_SETSIZE, SELECT_LIMIT, Row
+from echoplug.lab import conditions as conditions_
+from echoplug.lab import curve
+from echoplug.lab.runner import COLUMNS, FD_SETSIZE, FIGURES, SELECT_LIMIT, SPREAD, Row
 from echoplug.lab.servers import label
 
+INTS = {"connections", "idle", "size", "runs"}
+TEXTS = {"server", "reactor", "workload", "status"}
 
-def writeCsv(rows: Sequence[Row], path: Path) -> None:
+
+def writeCsv(rows: Sequence[Row], path: Path,
+             conditions: dict[str, Any] | None = None) -> None:
     with path.open("w", newline="") as f:
+        for name, value in conditions_.lines(conditions or {}):
+            f.write(f"# {name}: {value}\n")
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: fmt(v, digits=3) for k, v in row.asDict().items()})
 
 
+def rowFrom(record: dict[str, Any]) -> Row:
+    """A L{Row} from a CSV record or a JSON object; absent columns are blank."""
+    values: dict[str, Any] = {}
+    spread: dict[str, float] = {}
+    for column in COLUMNS:
+        text = record.get(column)
+        if column in INTS:
+            values[column] = int(text if text is not None else 0)
+        elif column in TEXTS:
+            values[column] = str(text)
+        else:
+            number = math.nan if text in ("", None) else float(text)
+            if column.rsplit("_", 1)[-1] in SPREAD and column.rsplit("_", 1)[0] in FIGURES:
+                spread[column] = number
+            else:
+                values[column] = number
+    return Row(**values, spread=spread,
+               samples=[{k: nan(v) for k, v in s.items()} for s in record.get("samples", [])])
+
+
+def nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def readCsv(path: Path) -> list[Row]:
-    """The rows of a C{results.csv} written by L{writeCsv}."""
-    ints = {"connections", "idle", "size", "runs"}
-    texts = {"server", "reactor", "workload", "status"}
-    rows = []
+    """The rows of a C{results.csv} written by L{writeCsv} (or before it had spreads)."""
     with path.open(newline="") as f:
-        for record in csv.DictReader(f):
-            values: dict[str, Any] = {}
-            for column in COLUMNS:
-                text = record[column]
-                if column in ints:
-                    values[column] = int(text)
-                elif column in texts:
-                    values[column] = text
-                else:
-                    values[column] = float(text) if text else math.nan
-            rows.append(Row(**values))
+        text = "".join(line for line in f if not line.startswith("#"))
+    rows = []
+    for record in csv.DictReader(io.StringIO(text)):
+        for column in ("server", "connections", "idle", "size", "runs", "status"):
+            if column not in record:
+                raise KeyError(column)
+        rows.append(rowFrom(record))
     return rows
+
+
+def writeJson(rows: Sequence[Row], path: Path, conditions: dict[str, Any] | None = None,
+              command: str | None = None) -> None:
+    """Every row with every run's figures, and the conditions; NaN is null."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return value
+
+    document = {
+        "command": command,
+        "conditions": conditions or {},
+        "rows": [{**{k: clean(v) for k, v in r.asDict().items()},
+                  "samples": [{k: clean(v) for k, v in s.items()} for s in r.samples]}
+                 for r in rows],
+    }
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def readJson(path: Path) -> tuple[list[Row], dict[str, Any], str | None]:
+    """The rows, conditions and command of a C{results.json}."""
+    document = json.loads(path.read_text())
+    return ([rowFrom(r) for r in document["rows"]], document.get("conditions") or {},
+            document.get("command"))
 
 
 def fmt(value: object, digits: int = 1) -> str:
@@ -61,12 +118,38 @@ def units(workload: str) -> tuple[str, str]:
     return ("conn", "connections") if workload == "churn" else ("msg", "messages")
 
 
+def spreadText(row: Row, figure: str, digits: int = 1) -> tuple[str, str]:
+    """The 95% interval and the min-max range of a figure, as table cells."""
+    lo, hi = row.value(f"{figure}_lo"), row.value(f"{figure}_hi")
+    low, high = row.value(f"{figure}_min"), row.value(f"{figure}_max")
+    ci = "" if math.isnan(lo) else f"{fmt(lo, digits)} to {fmt(hi, digits)}"
+    span = "" if math.isnan(low) else f"{fmt(low, digits)} to {fmt(high, digits)}"
+    return ci, span
+
+
+def conditionsText(conditions: dict[str, Any]) -> list[str]:
+    if not conditions:
+        return []
+    out = ["## Conditions", ""]
+    warning = conditions_.warning(conditions)
+    if warning:
+        out += [f"> **Warning:** {warning}.", ""]
+    out += ["| | |", "|---|---|"]
+    out += [f"| {name} | {value} |" for name, value in conditions_.lines(conditions)]
+    return [*out, ""]
+
+
 def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
-             command: str | None = None) -> str:
-    """One table per workload and message size."""
+             command: str | None = None, conditions: dict[str, Any] | None = None) -> str:
+    """
+    The conditions, one table per workload and message size (each figure the
+    median of its runs; CPU and rate with their 95% interval and range), and
+    the dead-connection fits.
+    """
     out = [f"# {title}", ""]
     if command:
         out += ["```", command, "```", ""]
+    out += conditionsText(conditions or {})
     groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.workload, row.size), []).append(row)
@@ -74,16 +157,24 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
         one, _ = units(workload)
         active = "loops" if workload == "churn" else "active"
         out += [f"## {workload}, {size}-byte messages", "",
-                f"| server | reactor | {active} | idle | {one}/s | CPU µs/{one} "
-                "| p50 µs | p99 µs | p99.9 µs | runs | status |",
-                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+                f"Medians of the runs; the 95% interval of the median (3 runs or more) and "
+                f"the range of the runs beside the CPU per {one} and the rate; others: "
+                f"other processes' CPU during the runs, in % of a core.", "",
+                f"| server | reactor | {active} | idle | {one}/s | {one}/s range "
+                f"| CPU µs/{one} | 95% interval | range "
+                "| p50 µs | p99 µs | p99.9 µs | others % | runs | status |",
+                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
         group.sort(key=lambda r: (r.connections, r.idle, r.reactor, r.server))
         for r in group:
+            _, rateSpan = spreadText(r, "msgs_per_s", 0)
+            cpuCi, cpuSpan = spreadText(r, "cpu_us_per_msg")
             out.append(f"| {r.server} | {r.reactor} | {r.connections} | {r.idle} "
-                       f"| {fmt(r.msgs_per_s, 0)} | {fmt(r.cpu_us_per_msg)} "
+                       f"| {fmt(r.msgs_per_s, 0)} | {rateSpan} "
+                       f"| {fmt(r.cpu_us_per_msg)} | {cpuCi} | {cpuSpan} "
                        f"| {fmt(r.p50_us, 0)} | {fmt(r.p99_us, 0)} | {fmt(r.p999_us, 0)} "
-                       f"| {r.runs} | {r.status} |")
+                       f"| {fmt(r.others_pct, 0)} | {r.runs} | {r.status} |")
         out.append("")
+    out += curve.markdown(rows)
     return "\n".join(out)
 
 
@@ -128,6 +219,9 @@ def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
               xlabel="active connections" if workload == "load" else "parallel loops",
               title=f"Round-trip latency against active connections ({workload})",
               logx=True, logy=True)
+        made.append(path)
+    path = outDir / "dead_connections.png"
+    if curve.plot(plt, rows, path):
         made.append(path)
     return made
 
@@ -176,9 +270,10 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
               for i, s in enumerate(servers)}
     for index, (workload, connections, idle, size) in enumerate(pointsOf):
         ax = axes[index // ncols][index % ncols]
-        here = {(r.server, r.reactor): r.cpu_us_per_msg for r in ok
-                if (r.workload, r.connections, r.idle, r.size)
-                == (workload, connections, idle, size)}
+        rowsHere = {(r.server, r.reactor): r for r in ok
+                    if (r.workload, r.connections, r.idle, r.size)
+                    == (workload, connections, idle, size)}
+        here = {k: r.cpu_us_per_msg for k, r in rowsHere.items()}
         reactors = sorted({reactor for server, reactor in here if server not in PEERS},
                           key=lambda r: (REACTOR_ORDER.index(r) if r in REACTOR_ORDER
                                          else len(REACTOR_ORDER), r))
@@ -186,7 +281,10 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
         for i, server in enumerate(servers):
             xs = [x + (i - (len(servers) - 1) / 2) * width for x in range(len(reactors))]
             values = [here.get((server, reactor), math.nan) for reactor in reactors]
-            ax.bar(xs, values, width, label=server, color=colors[server])
+            bars = [rowsHere.get((server, reactor)) for reactor in reactors]
+            ax.bar(xs, values, width, label=server, color=colors[server],
+                   yerr=errorBars(bars, "cpu_us_per_msg"), capsize=2,
+                   error_kw={"elinewidth": 0.8, "ecolor": "black"})
             for x, value in zip(xs, values, strict=True):
                 if not math.isnan(value):
                     ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom",
@@ -195,6 +293,9 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
             if server in PEERS:
                 name, color = PEERS[server]
                 ax.axhline(value, color=color, linestyle="--", linewidth=1, label=name)
+                low, high = spreadBounds(rowsHere[(server, _)], "cpu_us_per_msg")
+                if not math.isnan(low):
+                    ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0)
         one, _ = units(workload)
         active = "loops" if workload == "churn" else "active"
         ax.set_xticks(list(range(len(reactors))))
@@ -214,12 +315,32 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))),
                fontsize=8, frameon=False)
-    fig.suptitle("Server CPU time (utime + stime) per message, median of runs "
-                 "(lower is better)", fontsize=11)
+    fig.suptitle("Server CPU time (utime + stime) per message, median of runs with its "
+                 "95% interval (else the range) (lower is better)", fontsize=11)
     rowsOfLegend = math.ceil(len(labels) / 4) if labels else 0
     fig.tight_layout(rect=(0, 0.03 + 0.04 * rowsOfLegend / nrows, 1, 0.96))
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def spreadBounds(row: Row, figure: str) -> tuple[float, float]:
+    """The 95% interval of a figure, else the range of its runs, else NaN."""
+    for low, high in (("lo", "hi"), ("min", "max")):
+        lo, hi = row.value(f"{figure}_{low}"), row.value(f"{figure}_{high}")
+        if not (math.isnan(lo) or math.isnan(hi)):
+            return lo, hi
+    return math.nan, math.nan
+
+
+def errorBars(rows: Sequence[Row | None], figure: str) -> list[list[float]]:
+    """matplotlib's C{yerr} (below, above) from L{spreadBounds}; 0 where none."""
+    below, above = [], []
+    for row in rows:
+        lo, hi = spreadBounds(row, figure) if row is not None else (math.nan, math.nan)
+        value = row.value(figure) if row is not None else math.nan
+        below.append(0.0 if math.isnan(lo) else max(0.0, value - lo))
+        above.append(0.0 if math.isnan(hi) else max(0.0, hi - value))
+    return [below, above]
 
 
 def _grid(plt: Any, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
@@ -253,14 +374,15 @@ def _grid(plt: Any, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
                               key=lambda r: getattr(r, x))
                 if any(r.capped for r in line):
                     cappedSelect = True
-                ok = [r for r in line if r.ok]
+                ok = [r for r in line if r.ok and not math.isnan(getattr(r, column))]
                 if not ok:
                     continue
                 style = {"color": colors[reactor], **lineStyle(server)}
                 if server in variants:  # the same colour per reactor: tell them apart
                     style["marker"] = "oP*Dh"[variants.index(server) % 5]
-                ax.plot([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
-                        label=label(server, reactor), **style)
+                ax.errorbar([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
+                            yerr=errorBars(ok, column), capsize=2, elinewidth=0.8,
+                            label=label(server, reactor), **style)
             if cappedSelect and x == "idle":
                 # Past this many idle connections select is capped.
                 wall = SELECT_LIMIT - value if panel == "connections" else SELECT_LIMIT

@@ -15,9 +15,13 @@ What keeps a figure honest here:
     variants, then its peers, then the next reactor, and round again
     C{repeat} times), so that a burst of noise from the rest of the machine
     lands on all of them, and each figure is the median of its repeats;
-  - idle connections are real: opened by the runner, each one echoed once
+  - idle connections are real: opened by helper processes from several
+    loopback source addresses (L{echoplug.lab.idle}), each one echoed once
     (so the server has accepted and registered it), then held open and
     silent for the whole point;
+  - each figure comes with its spread over the repeats (L{stats.spread}),
+    and each run with what the rest of the machine did meanwhile
+    (L{Reading}: other processes' CPU, the server's wake-ups);
   - a server that cannot run a point is reported and skipped, never fatal:
     C{select} with more than 960 connections is "capped" (Python's
     C{select()} refuses descriptors at or above FD_SETSIZE, 1024, Twisted's
@@ -34,18 +38,17 @@ import math
 import queue
 import resource
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echoplug.lab import procs, servers
+from echoplug.lab import conditions, idle, procs, servers, stats
 from echoplug.lab.servers import Server, ServerError
 from echoplug.service import FD_HEADROOM, FD_SETSIZE, raiseNoFile
 
@@ -53,7 +56,6 @@ from echoplug.service import FD_HEADROOM, FD_SETSIZE, raiseNoFile
 # caps itself under -r select, FD_SETSIZE less the descriptors it keeps for
 # the process itself (stdio, listening port, log, the reactor's waker).
 SELECT_LIMIT = FD_SETSIZE - FD_HEADROOM
-IDLE_BATCH = 50  # below twistd's listen backlog of 50
 
 
 class MeasureError(Exception):
@@ -118,19 +120,52 @@ class Sample:
     msgsPerS: float
     cpuSeconds: float
     rttUs: list[int]
+    #: The server's wake-ups: its poller calls (L{servers.Server.wakeups}),
+    #: 0 where they are not counted.
+    wakeups: int = 0
+    #: Other processes' CPU during the window, in cores (L{conditions.Window}).
+    othersCores: float = math.nan
+    seconds: float = math.nan  # the window's wall time, as the runner saw it
 
     @property
     def cpuUsPerMsg(self) -> float:
         return self.cpuSeconds * 1e6 / self.messages if self.messages else math.nan
 
+    def figures(self) -> dict[str, float]:
+        """This run's figures by column name: what results.json keeps of it."""
+        ranked = sorted(self.rttUs)
+        return {
+            "msgs_per_s": self.msgsPerS,
+            "cpu_us_per_msg": self.cpuUsPerMsg,
+            "p50_us": percentile(ranked, 50),
+            "p99_us": percentile(ranked, 99),
+            "p999_us": percentile(ranked, 99.9),
+            "messages": self.messages,
+            "cpu_s": self.cpuSeconds,
+            "wakeups": self.wakeups,
+            "cpu_us_per_wakeup": (self.cpuSeconds * 1e6 / self.wakeups if self.wakeups
+                                  else math.nan),
+            "others_cores": self.othersCores,
+            "seconds": self.seconds,
+        }
 
-COLUMNS = ["server", "reactor", "workload", "connections", "idle", "size", "msgs_per_s",
-           "cpu_us_per_msg", "p50_us", "p99_us", "p999_us", "runs", "status"]
+
+#: The figures of a row, each the median of its runs, with its spread.
+FIGURES = ["msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us"]
+#: Per figure: min and max of the runs, and the 95% interval of the median.
+SPREAD = ("min", "max", "lo", "hi")
+COLUMNS = ["server", "reactor", "workload", "connections", "idle", "size",
+           *[c for f in FIGURES for c in (f, *(f"{f}_{k}" for k in SPREAD))],
+           "wakeups_per_msg", "others_pct", "runs", "status"]
 
 
 @dataclass
 class Row:
-    """A line of results.csv: the medians of one server's repeats at a point."""
+    """
+    A line of results.csv: the medians of one server's repeats at a point,
+    their spread (L{SPREAD}, in C{spread} by column name), and every run's
+    figures (C{samples}, for results.json and C{compare}).
+    """
 
     server: str
     reactor: str
@@ -145,6 +180,10 @@ class Row:
     p999_us: float = math.nan
     runs: int = 0
     status: str = "ok"
+    spread: dict[str, float] = field(default_factory=dict)
+    wakeups_per_msg: float = math.nan
+    others_pct: float = math.nan  # other processes' CPU, % of a core, median of the runs
+    samples: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -154,8 +193,19 @@ class Row:
     def capped(self) -> bool:
         return self.status.startswith("capped")
 
+    @property
+    def key(self) -> tuple[str, str, str, int, int, int]:
+        """What names a row across sweeps: the server and the point."""
+        return (self.server, self.reactor, self.workload, self.connections, self.idle,
+                self.size)
+
+    def value(self, column: str) -> Any:
+        if column in self.spread:
+            return self.spread[column]
+        return getattr(self, column, math.nan)
+
     def asDict(self) -> dict[str, Any]:
-        return {c: getattr(self, c) for c in COLUMNS}
+        return {c: self.value(c) for c in COLUMNS}
 
 
 def percentile(sorted_: Sequence[int], q: float) -> float:
@@ -167,17 +217,21 @@ def percentile(sorted_: Sequence[int], q: float) -> float:
 
 
 def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
-    """The median of each figure over the repeats."""
+    """The median of each figure over the repeats, and its spread (L{stats.spread})."""
     row = Row(target.server, target.reactor, point.workload, point.connections, point.idle,
               point.size, runs=len(samples))
     if not samples:
         return row
-    row.msgs_per_s = statistics.median(s.msgsPerS for s in samples)
-    row.cpu_us_per_msg = statistics.median(s.cpuUsPerMsg for s in samples)
-    ranked = [sorted(s.rttUs) for s in samples]
-    row.p50_us = statistics.median(percentile(r, 50) for r in ranked)
-    row.p99_us = statistics.median(percentile(r, 99) for r in ranked)
-    row.p999_us = statistics.median(percentile(r, 99.9) for r in ranked)
+    row.samples = [s.figures() for s in samples]
+    for figure in FIGURES:
+        spread = stats.spread([s[figure] for s in row.samples])
+        setattr(row, figure, spread.median)
+        row.spread.update({f"{figure}_{k}": getattr(spread, k) for k in SPREAD})
+    if all(s.wakeups for s in samples):
+        row.wakeups_per_msg = statistics.median(s.wakeups / s.messages for s in samples)
+    others = [s.othersCores for s in samples if not math.isnan(s.othersCores)]
+    if others:
+        row.others_pct = 100 * statistics.median(others)
     return row
 
 
@@ -202,33 +256,6 @@ def raiseFileLimit() -> int:
     inherit it); return the soft limit.
     """
     return raiseNoFile(None)
-
-
-def openIdle(port: int, count: int, timeout: float = 10.0) -> list[socket.socket]:
-    """
-    Open C{count} connections to C{port}, echo one byte on each (so the
-    server has accepted and registered every one), and return them.
-    """
-    held: list[socket.socket] = []
-    try:
-        while len(held) < count:
-            batch = [socket.create_connection(("127.0.0.1", port), timeout=timeout)
-                     for _ in range(min(IDLE_BATCH, count - len(held)))]
-            held.extend(batch)
-            for s in batch:
-                s.sendall(b"i")
-            for s in batch:
-                if s.recv(1) != b"i":
-                    raise OSError(f"idle connection {len(held)} got no echo")
-    except BaseException:
-        closeAll(held)
-        raise
-    return held
-
-
-def closeAll(sockets: Iterable[socket.socket]) -> None:
-    for s in sockets:
-        s.close()
 
 
 class LoadProcess:
@@ -320,12 +347,12 @@ def measure(server: Server, point: Point, settings: Settings) -> Sample:
             line = load.next(deadline)
             if line.strip() != b"ready":
                 raise MeasureError(clientError(line))
-        before = server.cpuSeconds()
+        before = Reading.take(server, loads)
         for load in loads:
             load.say("go")
         deadline = time.monotonic() + settings.duration + settings.timeout
         results = [json.loads(load.next(deadline)) for load in loads]
-        after = server.cpuSeconds()
+        after = Reading.take(server, loads)
     finally:
         for load in loads:
             load.close()
@@ -337,12 +364,44 @@ def measure(server: Server, point: Point, settings: Settings) -> Sample:
     messages = sum(r["messages"] for r in results)
     if messages == 0:
         raise MeasureError("no message came back in the window")
+    window = after.since(before)
     return Sample(
         messages=messages,
         msgsPerS=sum(r["inWindow"] / r["seconds"] for r in results),
-        cpuSeconds=after - before,
+        cpuSeconds=after.server - before.server,
         rttUs=[us for r in results for us in r["rttUs"]],
+        wakeups=after.wakeups - before.wakeups,
+        othersCores=window.othersCores,
+        seconds=window.seconds,
     )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """
+    What the runner reads at each end of a window: the server's CPU time and
+    wake-ups, the load clients' and its own CPU time, and the machine's.
+    """
+
+    at: float
+    server: float
+    wakeups: int
+    ours: float  # the load clients and the bench
+    machine: conditions.CpuTimes
+
+    @classmethod
+    def take(cls, server: Server, loads: Sequence[LoadProcess]) -> Reading:
+        clients = 0.0
+        for load in loads:
+            with contextlib.suppress(OSError):  # one that exited costs nothing more
+                clients += procs.cpuSeconds(load.proc.pid)
+        return cls(time.monotonic(), server.cpuSeconds(), server.wakeups(),
+                   clients + conditions.ownCpu(), conditions.CpuTimes.read())
+
+    def since(self, before: Reading) -> conditions.Window:
+        ours = (self.server - before.server) + (self.ours - before.ours)
+        return conditions.Window(self.at - before.at, self.machine.busy - before.machine.busy,
+                                 ours)
 
 
 def clientError(line: bytes) -> str:
@@ -353,59 +412,64 @@ def clientError(line: bytes) -> str:
     return f"load client: {why or line.decode(errors='replace').strip()[:200]}"
 
 
-@dataclass
 class Progress:
     """
-    The progress bar on stderr: points done, runs done, and the time left,
-    estimated from the runs so far. On a terminal it redraws one line; in a
-    log it writes a line per point.
+    The progress bar on stderr, drawn by tqdm: runs done of those planned,
+    points done, and the time left, estimated from the runs so far (before
+    the first, from C{perRun}). On a terminal it redraws one line; in a log
+    it writes a line per point.
     """
 
-    points: int
-    runs: int  # measurements planned (capped servers need none)
-    perRun: float  # first guess of the seconds per run
-    stream: Any = field(default_factory=lambda: sys.stderr)
-    pointsDone: int = 0
-    runsDone: int = 0
-    started: float = field(default_factory=time.monotonic)
-    width: int = 24
+    FORMAT = "echoplug-bench [{bar:24}] {n_fmt}/{total_fmt} runs{postfix}, {remaining} left"
 
-    def __post_init__(self) -> None:
+    def __init__(self, points: int, runs: int, perRun: float, stream: Any = None) -> None:
+        from tqdm import tqdm
+
+        self.points, self.runs, self.perRun = points, runs, perRun
+        self.stream = sys.stderr if stream is None else stream
+        self.pointsDone = self.runsDone = 0
+        self.started = time.monotonic()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = tqdm(total=runs, file=self.stream, bar_format=self.FORMAT, ascii=" #",
+                        disable=not self.tty, dynamic_ncols=True, leave=True)
+        self.bar.set_postfix_str(self.where(), refresh=False)
+
+    def where(self) -> str:
+        return f"{self.pointsDone}/{self.points} points"
 
     def run(self, n: int = 1) -> None:
         self.runsDone += n
         if self.tty:
-            self.draw()
+            self.bar.update(n)
 
     def point(self) -> None:
         self.pointsDone += 1
         self.draw()
 
+    def rate(self) -> float:
+        """Runs per second so far, or the first guess."""
+        elapsed = time.monotonic() - self.started
+        return self.runsDone / elapsed if self.runsDone and elapsed > 0 else 1 / self.perRun
+
     def left(self) -> float:
-        remaining = max(0, self.runs - self.runsDone)
-        if self.runsDone:
-            return (time.monotonic() - self.started) / self.runsDone * remaining
-        return self.perRun * remaining
+        return max(0, self.runs - self.runsDone) / self.rate()
 
     def text(self) -> str:
-        done = self.runsDone / self.runs if self.runs else self.pointsDone / max(1, self.points)
-        bar = "#" * round(done * self.width)
-        left = int(self.left() + 0.5)
-        return (f"echoplug-bench [{bar:<{self.width}}] {self.pointsDone}/{self.points} points, "
-                f"{self.runsDone}/{self.runs} runs, {left // 60}m{left % 60:02d}s left")
+        from tqdm import tqdm
+
+        return str(tqdm.format_meter(self.runsDone, self.runs, time.monotonic() - self.started,
+                                 bar_format=self.FORMAT, ascii=" #", rate=self.rate(),
+                                 postfix=self.where()))
 
     def draw(self) -> None:
         if self.tty:
-            self.stream.write("\r" + self.text() + "\x1b[K")
+            self.bar.set_postfix_str(self.where())
         else:
             self.stream.write(self.text() + "\n")
-        self.stream.flush()
+            self.stream.flush()
 
     def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def plan(points: Sequence[Point], targets: Sequence[Target], repeat: int) -> int:
@@ -447,19 +511,19 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                 running[t] = s
             except ServerError as e:
                 failures[t] = str(e)
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        needed = point.idle * len(running) + 64
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        needed = point.idle + point.connections + FD_HEADROOM
         for t, s in running.items():
-            if needed > limit:
-                failures[t] = (f"{needed} descriptors needed for the idle connections, "
-                               f"RLIMIT_NOFILE is {limit}")
+            if hard != resource.RLIM_INFINITY and needed > hard:
+                failures[t] = (f"{needed} descriptors needed in the server, the hard "
+                               f"RLIMIT_NOFILE is {hard}")
+                continue
+            if not point.idle:
                 continue
             try:
-                held = openIdle(s.port, point.idle, settings.timeout)
+                stack.callback(idle.Held(s.port, point.idle, settings.timeout).close)
             except OSError as e:
                 failures[t] = f"idle connections: {e.strerror or e}"
-                continue
-            stack.callback(closeAll, held)
         for _ in range(settings.repeat):
             for t in runnable:
                 if t not in failures:

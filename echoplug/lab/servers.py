@@ -10,9 +10,14 @@ The servers under test, each its own process, and their CPU time.
     its own event loop whatever the reactor;
   - C{uvloop}: the same asyncio echo on uvloop's event loop (libuv), when
     uvloop is installed (it is not a dependency of echoplug);
-  - C{c-epoll}: a plain epoll echo server in C (C{cecho.c}), the floor.
+  - C{c-epoll}: a plain epoll echo server in C (C{cecho.c}), the floor;
+  - C{gevent}, C{tornado}, C{trio}: what a Python user might pick instead
+    of Twisted, each its library's own echo in a few lines
+    (L{echoplug.lab.peers}), when the library is installed (the C{bench}
+    extra installs all three);
+  - C{node}: Node.js C{net} (C{nodeecho.js}), when C{node} is on the PATH.
 
-The last three are standalone: they run once per point, not per reactor,
+All but the first two are standalone: they run once per point, not per reactor,
 and their "reactor" column says what they run on (L{STANDALONE}).
 
 The reactor name goes to C{twistd -r} as it is, so a reactor that another
@@ -25,7 +30,10 @@ output goes to a log file, never to a pipe nobody reads (a full pipe would
 stop the server).
 
 CPU time is utime + stime from C{/proc/PID/stat}: all the time the kernel
-billed to the server process, in user space and in system calls.
+billed to the server process, in user space and in system calls. Its
+wake-ups are its poller calls (C{select}, C{poll}, C{epoll_wait} and their
+kin), counted by a small preloaded shared object (C{pollcount.c}) into a
+file beside its log.
 
 For the C{udp} workload each kind serves UDP on its port instead: echoplug
 with C{--port udp:PORT}, asyncio and uvloop with the C{DatagramProtocol}
@@ -44,10 +52,28 @@ from pathlib import Path
 
 from echoplug.lab import procs
 
-KINDS = ("echoplug", "wire-echo", "asyncio", "uvloop", "c-epoll")
+KINDS = ("echoplug", "wire-echo", "asyncio", "uvloop", "c-epoll", "gevent", "tornado", "trio",
+         "node")
 STDLIB = "stdlib"  # the reactor column of the asyncio peer: its own event loop
 #: The peers with an event loop of their own, and their reactor column.
-STANDALONE = {"asyncio": STDLIB, "uvloop": "uvloop", "c-epoll": "C"}
+STANDALONE = {"asyncio": STDLIB, "uvloop": "uvloop", "c-epoll": "C", "gevent": "libev",
+              "tornado": "asyncio", "trio": "trio", "node": "libuv"}
+#: The peers that need something echoplug does not depend on: the module to import.
+OPTIONAL = {"uvloop": "uvloop", "gevent": "gevent", "tornado": "tornado", "trio": "trio"}
+
+
+def missing(kind: str) -> str | None:
+    """Why peer C{kind} cannot run here (one phrase), or None if it can."""
+    import importlib.util
+    import shutil
+
+    if kind in OPTIONAL and importlib.util.find_spec(OPTIONAL[kind]) is None:
+        return f"{OPTIONAL[kind]} is not installed (pip install {OPTIONAL[kind]})"
+    if kind == "node" and shutil.which("node") is None:
+        return "node is not on the PATH"
+    return None
+
+
 class ServerError(Exception):
     """A server that would not start or died; the message is one line."""
 
@@ -76,6 +102,7 @@ class Server:
     log: Path
     argv: list[str] = field(default_factory=list)
     transport: str = "tcp"  # or "udp"
+    calls: Path | None = None  # the poller-call counter (L{counted})
 
     @property
     def pid(self) -> int:
@@ -87,6 +114,16 @@ class Server:
 
     def cpuSeconds(self) -> float:
         return cpuSeconds(self.pid)
+
+    def wakeups(self) -> int:
+        """
+        The server's poller calls so far, from its counter file (L{counted});
+        0 when they are not counted here.
+        """
+        try:
+            return int.from_bytes(self.calls.read_bytes()[:8], "little") if self.calls else 0
+        except OSError:
+            return 0  # not mapped yet: nothing counted
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -127,6 +164,10 @@ def command(kind: str, reactor: str, port: int, serverArgs: Sequence[str],
         return [sys.executable, "-m", "echoplug.lab.asyncioecho", str(port)], {}
     if kind == "uvloop":
         return [sys.executable, "-m", "echoplug.lab.asyncioecho", "--uvloop", str(port)], {}
+    if kind in ("gevent", "tornado", "trio"):
+        return [sys.executable, "-m", "echoplug.lab.peers", kind, str(port)], {}
+    if kind == "node":
+        return ["node", str(Path(__file__).with_name("nodeecho.js")), str(port)], {}
     if kind == "c-epoll":
         from echoplug.lab import cbuild
 
@@ -163,11 +204,32 @@ def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
     argv, extra = command(kind, reactor, port, list(serverArgs), transport)
     logDir.mkdir(parents=True, exist_ok=True)
     log = logDir / f"{kind}-{reactor}-{port}.log"
+    calls = counted(extra, (logDir / f"{kind}-{reactor}-{port}.calls").resolve())
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=procs.childEnv(extra),
                                 start_new_session=True)
-    return Server(kind, reactor, port, proc, log, argv, transport)
+    return Server(kind, reactor, port, proc, log, argv, transport, calls)
+
+
+def counted(env: dict[str, str], path: Path) -> Path | None:
+    """
+    Count the server's poller calls in C{path}: add C{pollcount.c}'s shared
+    object to C{LD_PRELOAD} in C{env}. Without a C compiler, count nothing
+    (return None); the wake-ups are then blank, the rest of the figures are not.
+    """
+    import os
+
+    from echoplug.lab import cbuild
+
+    try:
+        shim = cbuild.build("pollcount")
+    except cbuild.BuildError:
+        return None
+    path.unlink(missing_ok=True)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD")]))
+    env["ECHOPLUG_LAB_CALLS"] = str(path)
+    return path
 
 
 def waitReady(server: Server, timeout: float = 30.0) -> None:
