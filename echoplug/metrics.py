@@ -81,18 +81,57 @@ class EchoCollector(Collector):
                    "reactor_class": self.reactorClass})
 
 
-def makeRegistry(factory: EchoFactory, reactor: Any) -> CollectorRegistry:
+def makeRegistry(factory: EchoFactory, reactor: Any, *extra: Collector) -> CollectorRegistry:
     """
     A registry of its own (not prometheus_client's global one, so two
-    services in one process do not collide) with the echo metrics and the
-    usual process, platform and GC metrics.
+    services in one process do not collide) with the echo metrics, any
+    C{extra} collectors and the usual process, platform and GC metrics.
     """
     registry = CollectorRegistry()
     registry.register(EchoCollector(factory, reactor))
+    for collector in extra:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+class WorkersCollector(Collector):
+    """
+    Under C{--workers}: the totals come from L{EchoCollector} (the parent's
+    factory is every worker's books summed, L{echoplug.books.Totals}); this
+    adds the workers themselves, by C{worker} label. A worker's own counter
+    starts again from 0 when it is restarted, as a restarted process's
+    counters do (Prometheus' rate() expects that); the totals never go back.
+    """
+
+    def __init__(self, arbiter: Any) -> None:
+        self.arbiter = arbiter
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.arbiter
+        up = GaugeMetricFamily("echoplug_worker_up",
+                               "1 while the worker runs and accepts, else 0.", labels=["worker"])
+        restarts = CounterMetricFamily("echoplug_worker_restarts",
+                                       "Times the worker was restarted after dying.",
+                                       labels=["worker"])
+        accepted = CounterMetricFamily(
+            "echoplug_worker_connections_accepted",
+            "Connections the worker accepted since it (re)started.", labels=["worker"])
+        opened = GaugeMetricFamily("echoplug_worker_connections_open",
+                                   "Connections open in the worker now.", labels=["worker"])
+        for slot, values in a.factory.bySlot():
+            label = [str(slot + 1)]
+            proto = a.workers.get(slot + 1)
+            alive = proto is not None and proto.listening and not proto.ended
+            up.add_metric(label, 1 if alive else 0)
+            restarts.add_metric(label, a.restarts.get(slot + 1, 0))
+            accepted.add_metric(label, values["accepted"])
+            opened.add_metric(label, values["open"])
+        yield GaugeMetricFamily("echoplug_workers", "Worker processes configured (--workers).",
+                                value=a.count)
+        yield from (up, restarts, accepted, opened)
 
 
 class MetricsPage(Resource):
@@ -133,9 +172,13 @@ class MetricsSite(Site):
         pass
 
 
-def makeSite(factory: EchoFactory, reactor: Any) -> Site:
+def makeSite(factory: Any, reactor: Any, *extra: Collector) -> Site:
+    """
+    The metrics site for C{factory}: an L{EchoFactory}, or the summed books
+    of every worker under C{--workers} (L{echoplug.books.Totals}).
+    """
     root = Root()
-    root.putChild(b"metrics", MetricsPage(makeRegistry(factory, reactor)))
+    root.putChild(b"metrics", MetricsPage(makeRegistry(factory, reactor, *extra)))
     return MetricsSite(root)
 
 

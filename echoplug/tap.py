@@ -10,7 +10,9 @@ bound localhost; anything else is a Twisted server endpoint string
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -21,6 +23,10 @@ from twisted.python import usage
 from echoplug.factory import EchoFactory
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
+from echoplug.workers import loggingProblem, workerCount
+
+if TYPE_CHECKING:
+    from echoplug.workers import Arbiter
 
 DEFAULT_PORT = "10000"
 
@@ -127,6 +133,12 @@ class Options(usage.Options):
          "from one client IP. [default: no cap]"],
         ["drain-timeout", None, "5", "On SIGTERM, stop listening and give open "
          "connections this many seconds to finish, then close them."],
+        ["workers", None, "1", "Serve with N worker processes sharing the listeners "
+         "(auto: one per core). 1 is a single process. The caps (--max-connections, "
+         "--max-connections-per-peer) apply per worker. Needs twistd -n without "
+         "--logfile, or --syslog."],
+        # Hidden (see getUsage): given by a --workers parent to each worker.
+        ["worker", None, None, "N,PARENT_PID: run as worker N of that parent."],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
@@ -143,6 +155,17 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
 
+    #: Options for echoplug's own use, left out of --help.
+    hidden = ("worker",)
+
+    def getUsage(self, width: int | None = None) -> str:
+        shown = self.longOpt
+        self.longOpt = [o for o in shown if o.rstrip("=") not in self.hidden]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = shown
+
     def opt_port(self, port: str) -> None:
         """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug. [default: 10000]"""  # noqa: E501
         self["ports"].append(endpointDescription(port))
@@ -152,6 +175,8 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         # twistd answers a UsageError with its whole usage text; a mistake on
         # the command line deserves one line on stderr and a non-zero exit.
+        # The arguments as given: a --workers parent gives them to its workers.
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -175,8 +200,23 @@ class Options(usage.Options):
         for cap in ("max-connections", "max-connections-per-peer"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
+        try:
+            self["workers"] = workerCount(self["workers"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
+        if self["worker"] is not None:
+            # A worker binds nothing: it adopts the parent's sockets (and
+            # sees no LISTEN_FDS); only a TLS port's endpoint, for its
+            # context factory, is needed.
+            self["endpoints"] = [(d, parseEndpoint(d) if d.startswith("ssl:") else None)
+                                 for d in self["ports"]]
+            return
+        if self["workers"] > 1:
+            problem = loggingProblem(getattr(self, "parent", None))
+            if problem is not None:
+                raise usage.UsageError(problem)
         self["endpoints"] = [(d, parseEndpoint(d)) for d in self["ports"]]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")
@@ -197,28 +237,50 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-def makeService(config: Options) -> IService:
-    """
-    Build the echoplug service: one factory shared by a listener per C{--port}.
-    """
-    factory = EchoFactory(
+def makeFactory(config: Options, cls: type[EchoFactory] = EchoFactory) -> EchoFactory:
+    return cls(
         trace=config["trace"],
         logLevel=config["log-level"],
         maxConnections=config["max-connections"],
         maxPerPeer=config["max-connections-per-peer"],
         idleTimeout=config["idle-timeout"],
     )
-    service = EchoService(factory, logObserver=logObserver(config),
-                          drainTimeout=config["drain-timeout"])
-    for description, endpoint in config["endpoints"]:
-        service.listen(description, endpoint)
+
+
+def makeService(config: Options) -> IService:
+    """
+    Build the echoplug service: one factory shared by a listener per
+    C{--port}; or, for C{--workers} N > 1, the parent of N such processes
+    (L{echoplug.workers}); or, with the hidden C{--worker}, one of them.
+    """
+    if config["worker"] is not None:
+        from echoplug.worker import WorkerFactory, makeWorkerService
+
+        factory = makeFactory(config, WorkerFactory)
+        assert isinstance(factory, WorkerFactory)
+        return makeWorkerService(config, factory, logObserver(config))
+    service: EchoService | Arbiter
+    if config["workers"] > 1:
+        from echoplug.workers import makeArbiter
+
+        service = makeArbiter(config, logObserver(config))
+    else:
+        service = EchoService(makeFactory(config), logObserver=logObserver(config),
+                              drainTimeout=config["drain-timeout"])
+        for description, endpoint in config["endpoints"]:
+            service.listen(description, endpoint)
     if config["metrics"] is not None:
         from twisted.internet import reactor
 
         from echoplug.metrics import MetricsListener, makeSite
 
+        collectors = []
+        if not isinstance(service, EchoService):
+            from echoplug.metrics import WorkersCollector
+
+            collectors.append(WorkersCollector(service))
         MetricsListener(f"--metrics {config['metrics']}", config["metrics-endpoint"],
-                        makeSite(factory, reactor)).setServiceParent(service)
+                        makeSite(service.factory, reactor, *collectors)).setServiceParent(service)
     # Last, so that it is stopped first: STOPPING=1 as shutdown begins.
     notifier = notifierFor(service)
     if notifier is not None:
@@ -244,7 +306,7 @@ def logObserver(config: Options) -> ILogObserver | None:
     return None
 
 
-def notifierFor(service: EchoService) -> IService | None:
+def notifierFor(service: EchoService | Arbiter) -> IService | None:
     """
     A L{SystemdNotifier} for C{service} when C{NOTIFY_SOCKET} is set (under
     systemd with C{Type=notify}), else C{None}; an unusable address is one
@@ -252,7 +314,12 @@ def notifierFor(service: EchoService) -> IService | None:
     """
     from echoplug.notify import NotifyError, SystemdNotifier
 
+    cls = SystemdNotifier
+    if not isinstance(service, EchoService):
+        from echoplug.workers import WorkersNotifier
+
+        cls = WorkersNotifier
     try:
-        return SystemdNotifier.fromEnvironment(service)
+        return cls.fromEnvironment(service)  # type: ignore[arg-type]
     except NotifyError as e:
         raise SystemExit(f"echoplug: {e}") from None

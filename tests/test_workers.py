@@ -1,0 +1,342 @@
+"""
+Tests of C{--workers} (L{echoplug.workers}, L{echoplug.worker}) against
+real twistd processes: the spread of connections, a worker killed under
+load, the drain, the parent killed, the metrics summed, every reactor, and
+bad values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from echoplug.tap import Options
+from echoplug.workers import workerCount
+from tests.support import (
+    REACTORS,
+    Server,
+    connect,
+    echoHalfClose,
+    testEnv,
+    twistd,
+    twistdCommand,
+)
+
+WORKER = re.compile(r"worker (?P<n>\d+) started, pid (?P<pid>\d+)")
+ALL = r"all (?P<count>\d+) workers listening"
+METRICS = r"serving metrics on 127\.0\.0\.1:(?P<port>\d+)"
+
+
+@contextlib.contextmanager
+def workers(tmp_path: Path, *options: str, count: int = 2, reactor: str | None = None,
+            env: dict[str, str] | None = None) -> Iterator[Server]:
+    """C{twistd echoplug --workers COUNT OPTIONS}, once every worker listens."""
+    with twistd(reactor, "--workers", str(count), *options, cwd=tmp_path, env=env) as server:
+        server.waitFor(ALL, timeout=30)
+        yield server
+
+
+def workerPids(server: Server) -> dict[int, int]:
+    """The latest pid of each worker, from the parent's start-up lines."""
+    return {int(m["n"]): int(m["pid"]) for m in WORKER.finditer(server.output())}
+
+
+def scrape(server: Server) -> dict[str, float]:
+    port = server.waitFor(METRICS)["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to reap it.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def waitUntil(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def test_workers_values() -> None:
+    assert workerCount("1") == 1
+    assert workerCount(" 4 ") == 4
+    assert workerCount("auto") == len(os.sched_getaffinity(0))
+    options = Options()
+    options.parseOptions([])
+    assert options["workers"] == 1
+    assert "--worker=" not in options.getUsage() and "--workers=" in options.getUsage()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1.5", ""])
+def test_bad_workers_value_is_one_line(tmp_path, value: str) -> None:
+    done = subprocess.run(
+        [*twistdCommand(), "-n", "--pidfile=", "echoplug", "--workers", value],
+        cwd=tmp_path, env=testEnv(), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "--workers" in lines[0], lines
+
+
+def test_workers_need_stdout_logging(tmp_path) -> None:
+    done = subprocess.run(
+        [*twistdCommand(), "-n", "--pidfile=", "-l", str(tmp_path / "x.log"), "echoplug",
+         "--workers", "2"], cwd=tmp_path, env=testEnv(), capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "--logfile" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_spread_and_metrics_summed(tmp_path) -> None:
+    """200 connections from one client: each worker serves at least 30% of
+    them, and the accepted counter reads 200."""
+    with workers(tmp_path, "--metrics", "tcp:0:interface=127.0.0.1") as server:
+        held = []
+        try:
+            for i in range(200):
+                s = connect(server.port)
+                s.sendall(b"%d" % i)
+                assert s.recv(16) == b"%d" % i
+                held.append(s)
+            values = scrape(server)
+        finally:
+            for s in held:
+                s.close()
+        assert values["echoplug_connections_accepted_total"] == 200
+        assert values["echoplug_connections_open"] == 200
+        per = [values[f'echoplug_worker_connections_accepted_total{{worker="{n}"}}']
+               for n in (1, 2)]
+        assert sum(per) == 200 and min(per) >= 60, per
+        waitUntil(lambda: scrape(server)["echoplug_connections_open"] == 0, 5, "all closed")
+        # A worker killed: its connections stay counted, its successor counts anew.
+        os.kill(workerPids(server)[1], signal.SIGKILL)
+        server.waitFor(r"worker 1 \(pid \d+\) killed by signal 9")
+        waitUntil(lambda: server.output().count("worker 1 started") == 2, 5, "restarted")
+        assert scrape(server)["echoplug_connections_accepted_total"] == 200
+        assert scrape(server)['echoplug_worker_restarts_total{worker="1"}'] == 1
+
+
+class SteadyLoad:
+    """Connect, echo, close, in a few threads, until stopped: bounded in
+    count and time. Records what went wrong, by kind."""
+
+    def __init__(self, port: int, threads: int = 3, limit: int = 20000,
+                 seconds: float = 20.0) -> None:
+        self.port = port
+        self.done = 0
+        self.refused = 0
+        self.mismatched = 0
+        self.reset = 0
+        self.limit = limit
+        self.end = time.monotonic() + seconds
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(t,), daemon=True)
+                        for t in range(threads)]
+
+    def run(self, t: int) -> None:
+        i = 0
+        while not self.stopping.is_set() and self.done < self.limit \
+                and time.monotonic() < self.end:
+            i += 1
+            message = f"{t}:{i}".encode()
+            try:
+                with connect(self.port, timeout=5) as s:
+                    s.sendall(message)
+                    got = s.recv(64)
+            except ConnectionRefusedError:
+                self.refused += 1
+                continue
+            except OSError:
+                self.reset += 1  # in flight on the worker that was killed
+                continue
+            if got != message:
+                self.mismatched += 1
+            self.done += 1
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+@pytest.mark.slow
+def test_worker_killed_under_load(tmp_path) -> None:
+    with workers(tmp_path) as server, \
+            SteadyLoad(server.port) as load:
+        waitUntil(lambda: load.done > 50, 10, "load under way")
+        victim = workerPids(server)[2]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        server.waitFor(r"worker 2 \(pid \d+\) killed by signal 9 \(SIGKILL\); "
+                       r"restarting it in 0\.\ds")
+        server.waitFor(rf"worker 2 \(pid (?!{victim})\d+\) listening", timeout=10)
+        back = time.monotonic() - killed
+        before = load.done
+        waitUntil(lambda: load.done > before + 50, 10, "load after the restart")
+    assert back < 2.0, f"worker back after {back:.2f}s"
+    assert load.refused == 0 and load.mismatched == 0
+    # Only connections in flight on the killed worker may be cut.
+    assert load.reset <= len(load.threads)
+    lines = [line for line in server.lines if "killed by signal 9" in line]
+    assert len(lines) == 1
+
+
+@pytest.mark.slow
+def test_drain_across_workers(tmp_path) -> None:
+    with workers(tmp_path, "--drain-timeout", "2",
+                 "--metrics", "tcp:0:interface=127.0.0.1") as server:
+        held = []
+        for _ in range(20):
+            s = connect(server.port)
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            held.append(s)
+        per = [scrape(server)[f'echoplug_worker_connections_open{{worker="{n}"}}']
+               for n in (1, 2)]
+        assert min(per) > 0, per  # both workers have some to drain
+        pids = workerPids(server)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # Draining: open connections still echo; new ones are not served.
+        for s in held:
+            s.sendall(b"y")
+            assert s.recv(1) == b"y"
+        with pytest.raises(ConnectionRefusedError):
+            connect(server.port, timeout=2)
+        for s in held[:10]:
+            s.close()
+        # The other half never close: cut at the drain timeout.
+        status = server.proc.wait(10)
+        took = time.monotonic() - started
+        for s in held[10:]:
+            s.close()
+    assert status in (0, -signal.SIGTERM)
+    assert 1.9 < took < 3.0 + 0.5, took  # drain timeout + 1 s, with slack for the load
+    assert not any(alive(pid) for pid in pids.values())
+
+
+@pytest.mark.slow
+def test_second_sigterm_ends_the_drain(tmp_path) -> None:
+    with workers(tmp_path, "--drain-timeout", "60") as server:
+        held = [connect(server.port) for _ in range(6)]
+        for s in held:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.proc.poll() is None
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(10)
+        assert time.monotonic() - started < 3
+        for s in held:
+            s.close()
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_parent_killed_leaves_no_orphans(tmp_path) -> None:
+    with workers(tmp_path) as server:
+        held = connect(server.port)  # a connection to drain, briefly
+        pids = list(workerPids(server).values())
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        server.proc.kill()
+        server.proc.wait()
+        held.close()
+        waitUntil(lambda: not any(alive(p) for p in pids), 8, f"workers {pids} gone")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reactor", REACTORS)
+def test_every_reactor(tmp_path, reactor: str) -> None:
+    with workers(tmp_path, reactor=reactor) as server:
+        assert server.output().count(f"reactor={reactor} ") >= 1
+        data = [os.urandom(1000) for _ in range(30)]
+        assert echoHalfClose(server.port, data) == b"".join(data)
+        for _ in range(20):
+            with connect(server.port) as s:
+                s.sendall(b"ping")
+                assert s.recv(4) == b"ping"
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_a_worker_stopping_alone_leaves_the_sockets(tmp_path) -> None:
+    """A worker that stops alone (SIGTERM to it) leaves the shared sockets
+    listening for the others and its successor: the TCP socket, and the UNIX
+    socket's path with its mode."""
+    path = tmp_path / "echo.sock"
+    with workers(tmp_path, "--port", "tcp:0:interface=127.0.0.1",
+                 "--port", f"unix:{path}:mode=660") as server:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        os.kill(workerPids(server)[1], signal.SIGTERM)
+        server.waitFor(r"worker 1 \(pid \d+\) stopped \(SIGTERM\); restarting")
+        for _ in range(10):
+            with connect(server.port) as s:
+                s.sendall(b"tcp")
+                assert s.recv(3) == b"tcp"
+        waitUntil(lambda: server.output().count("worker 1 (pid") >= 3, 10, "worker 1 back")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                s.sendall(b"unix")
+                assert s.recv(4) == b"unix"
+        server.stop()
+    assert not path.exists()
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_tls_workers(tmp_path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    with workers(tmp_path, "--port",
+                 f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1") as server:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        for _ in range(4):
+            with context.wrap_socket(connect(server.port)) as s:
+                s.sendall(b"secret")
+                assert s.recv(6) == b"secret"
