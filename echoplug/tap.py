@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -258,7 +258,7 @@ def makeService(config: Options) -> IService:
 
         factory = makeFactory(config, WorkerFactory)
         assert isinstance(factory, WorkerFactory)
-        return makeWorkerService(config, factory, logObserver(config))
+        return cast(IService, makeWorkerService(config, factory, logObserver(config)))
     service: EchoService | Arbiter
     if config["workers"] > 1:
         from echoplug.workers import makeArbiter
@@ -285,7 +285,7 @@ def makeService(config: Options) -> IService:
     notifier = notifierFor(service)
     if notifier is not None:
         notifier.setServiceParent(service)
-    return service
+    return cast(IService, service)
 
 
 def logObserver(config: Options) -> ILogObserver | None:

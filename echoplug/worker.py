@@ -33,7 +33,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import stdio
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -127,22 +127,24 @@ class AdoptedListener(Listener):
         self.fairShare = fairShare
 
     def privilegedStartService(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as installed
 
+        reactor: Any = installed
         Service.privilegedStartService(self)
         try:
             family = socketFamily(self.fd)
         except OSError as e:
             raise SystemExit(f"echoplug: worker: no listening socket at descriptor "
                              f"{self.fd} for {self.description}: {e.strerror}") from None
-        factory: ServerFactory = self.factory
+        factory: Any = self.factory
         if self.endpoint is not None:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             # As listenSSL does: TLS around a factory that refuses with a
             # protocol (RefuseByClosing), never with None.
+            refusing: Any = RefuseByClosing(self.factory)
             factory = TLSMemoryBIOFactory(_twisted.sslContextFactory(self.endpoint), False,
-                                          RefuseByClosing(self.factory))
+                                          refusing)
         os.set_blocking(self.fd, False)
         port: IListeningPort
         if family == socket.AF_UNIX:
@@ -174,12 +176,14 @@ class Lifeline(Protocol):
         self.service.whenListening().addCallback(self._report)
 
     def _report(self, ports: list[IListeningPort]) -> None:
-        if self.transport is not None:
-            self.transport.write(b"listening\n")
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(b"listening\n")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        from twisted.internet import reactor
+        from twisted.internet import reactor as installed
 
+        reactor: Any = installed
         if self.service.running:
             self.log.info("parent process gone: stopping")
             reactor.stop()
@@ -192,7 +196,7 @@ class WorkerService(EchoService):
     """
 
     def __init__(self, factory: WorkerFactory, number: int, parentPid: int,
-                 logObserver: ILogObserver | None = None, drainTimeout: float = 5.0,
+                 logObserver: Any = None, drainTimeout: float = 5.0,
                  snapshots: bool = False) -> None:
         super().__init__(factory, logObserver=logObserver, drainTimeout=drainTimeout)
         self.number = number
@@ -212,7 +216,8 @@ class WorkerService(EchoService):
 
     def startService(self) -> None:
         super().startService()
-        self._stdio = stdio.StandardIO(Lifeline(self), stdin=LIFELINE, stdout=REPORT)
+        standardIO: Any = stdio.StandardIO  # POSIX's: it takes the descriptors
+        self._stdio = standardIO(Lifeline(self), stdin=LIFELINE, stdout=REPORT)
         if self.snapshots:
             from twisted.internet import task
 
@@ -237,7 +242,7 @@ class WorkerTag:
     """
 
     def __init__(self, observer: ILogObserver, number: int) -> None:
-        self.observer = observer
+        self.observer: Any = observer
         self.number = number
         self.suffix = f" worker={number}"
 

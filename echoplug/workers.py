@@ -183,6 +183,8 @@ class SharedListener(Listener):
 class WorkerProcess(ProcessProtocol):
     """The parent's end of one worker process."""
 
+    transport: Any
+
     def __init__(self, arbiter: Arbiter, number: int) -> None:
         self.arbiter = arbiter
         self.number = number

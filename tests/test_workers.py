@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -27,9 +28,12 @@ from echoplug.tap import Options
 from echoplug.workers import workerCount
 from tests.support import (
     REACTORS,
+    NotifyReceiver,
     Server,
     connect,
     echoHalfClose,
+    freePort,
+    startProcess,
     testEnv,
     twistd,
     twistdCommand,
@@ -340,3 +344,33 @@ def test_tls_workers(tmp_path) -> None:
             with context.wrap_socket(connect(server.port)) as s:
                 s.sendall(b"secret")
                 assert s.recv(6) == b"secret"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate missing (Debian package systemd)")
+def test_socket_activation_and_readiness(tmp_path) -> None:
+    """The parent adopts the socket systemd passed, shares it with its
+    workers, and says READY=1 once both accept, with the worker count."""
+    port = freePort()
+    receiver = NotifyReceiver(str(tmp_path / "notify"))
+    argv = [shutil.which("systemd-socket-activate"), "-l", f"127.0.0.1:{port}",
+            "--fdname=echoplug", "-E", "NOTIFY_SOCKET", "-E", "PYTHONPATH",
+            *twistdCommand(), "-n", "--pidfile=", "echoplug",
+            "--port", "systemd:domain=INET:name=echoplug", "--workers", "2"]
+    server = startProcess(argv, tmp_path, receiver.env)
+    try:
+        server.waitFor(rf"Listening on 127\.0\.0\.1:{port}")
+        assert echoHalfClose(port, [b"activated"]) == b"activated"
+        ready = receiver.waitFor("READY=1", timeout=30)
+        assert "all 2 workers listening" in server.output()
+        assert "STATUS=workers: 2/2 up; connections:" in ready
+        for _ in range(20):
+            assert echoHalfClose(port, [b"shared"]) == b"shared"
+        assert {int(n) for n in re.findall(r"worker=(\d)\] close", server.output())} == {1, 2}
+        assert server.stop() in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+        receiver.close()
+    assert sum("READY=1" in m.splitlines() for m in receiver.messages) == 1
+    assert "Traceback" not in server.output()
