@@ -99,3 +99,35 @@ def test_watchdog_only_while_every_worker_is_alive() -> None:
     notifier.tick()
     notifier.tick()
     assert all("WATCHDOG=1" not in lines for lines in sent[1:])
+
+
+class Ended:
+    """A worker's processEnded reason: killed by SIGKILL."""
+
+    class value:
+        signal = 9
+        exitCode = None
+
+
+def test_restart_backoff_grows_and_starts_over_once_stable() -> None:
+    from echoplug import workers
+
+    clock = Clock()
+    arbiter = workers.Arbiter(1, [], {}, reactor=clock)
+    spawned: list[int] = []
+    arbiter.spawn = spawned.append  # type: ignore[method-assign]
+    delays = []
+    for _ in range(4):
+        proto = workers.WorkerProcess(arbiter, 1)
+        arbiter.workers[1] = proto
+        arbiter.workerEnded(proto, Ended())  # type: ignore[arg-type]
+        call = arbiter._restartCalls[1]
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert spawned == [1, 1, 1, 1]
+    assert delays[0] < 0.25 and delays[1] > delays[0] and delays[3] >= 0.8
+    # One that listened for STABLE seconds died once, not again.
+    proto = workers.WorkerProcess(arbiter, 1)
+    proto.listeningSince = workers.time.monotonic() - workers.STABLE
+    arbiter.workerEnded(proto, Ended())  # type: ignore[arg-type]
+    assert arbiter._restartCalls[1].getTime() - clock.seconds() < 0.25

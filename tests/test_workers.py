@@ -276,6 +276,20 @@ def test_second_sigterm_ends_the_drain(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_reload_signals_leave_the_workers_alone(tmp_path) -> None:
+    with workers(tmp_path) as server:
+        pids = workerPids(server)
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            server.proc.send_signal(sig)
+            server.waitFor(rf"{sig.name} ignored: echoplug has no reload")
+        assert server.proc.poll() is None and workerPids(server) == pids
+        assert all(alive(pid) for pid in pids.values())
+        with connect(server.port) as s:
+            s.sendall(b"still")
+            assert s.recv(5) == b"still"
+
+
+@pytest.mark.slow
 def test_parent_killed_leaves_no_orphans(tmp_path) -> None:
     with workers(tmp_path) as server:
         held = connect(server.port)  # a connection to drain, briefly
