@@ -1,14 +1,28 @@
 """
 echoplug: a TCP echo service (RFC 862) shipped as a twistd plugin.
 
-The modules each do one job:
+The service, one job per module:
 
-  - L{echoplug.protocol}: the per-connection echo, with flow control and half-close;
-  - L{echoplug.factory}: builds protocols and keeps the books on open connections;
-  - L{echoplug.service}: listeners and the service's lifecycle (start-up line, shutdown);
-  - L{echoplug.logs}: the access-log line and the log observers behind C{--log-format};
   - L{echoplug.tap}: the C{twistd echoplug} command line (C{Options}, C{makeService});
+  - L{echoplug.service}: listeners and the service's lifecycle (start-up line,
+    descriptor limits, idle sweep, drain on shutdown);
+  - L{echoplug.factory}: builds protocols and keeps the books on open connections
+    (caps, counters, the access line);
+  - L{echoplug.protocol}: the per-connection echo, with flow control and half-close;
+  - L{echoplug.eager}: which transports write (and close) at once rather than on
+    the reactor's next turn;
+  - L{echoplug.logs}: log levels, the access-log line and the observers behind
+    C{--log-format};
+  - L{echoplug.metrics}: C{--metrics}, Prometheus text read from the factory's books;
+  - L{echoplug.notify}: systemd's C{sd_notify} (C{READY=1}, C{STOPPING=1}, the watchdog);
+  - L{echoplug.reactors}: the lean reactors C{echoplug-epoll}, C{echoplug-poll},
+    C{echoplug-select}, and C{install(name)} for echoplug's own commands;
+  - L{echoplug._twisted}: every read of a private Twisted name, in one place;
   - L{echoplug.client}: C{echoplug-client}, the original two-socket chunked client.
+
+Beside it, L{echoplug.lab}: everything that measures or stresses a server
+(C{echoplug-bench}, C{echoplug-soak}, the load clients and the peers). The
+service never imports the lab.
 """
 
 __version__ = "0.1.0"

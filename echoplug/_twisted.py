@@ -1,8 +1,59 @@
 # -*- test-case-name: tests.test__twisted -*-
 """
-The private Twisted names echoplug reads, each behind one accessor, each
-pinned in tests/test__twisted.py so that a Twisted upgrade that moves one
-fails the tests instead of echoplug.
+Every read of a private or undocumented Twisted name, in one place.
+
+Twisted's public interfaces cannot say how many bytes a transport still has
+to send, cannot send at once, and cannot hand out the file behind twistd's
+log observer. echoplug needs those, so it reads some of Twisted's internals.
+They are all here, and nowhere else in echoplug, so that a reader sees what
+echoplug relies on, and tests/test__twisted.py pins each one: a Twisted
+upgrade that changes them fails the tests instead of silently losing data or
+speed.
+
+    ==================================  ==========================  ===========================
+    Name                                What it is                  Why echoplug reads it
+    ==================================  ==========================  ===========================
+    FileDescriptor.dataBuffer, offset,  a socket transport's        unsentBytes: the idle sweep
+    _tempDataBuffer, _tempDataLen       unsent bytes (joined, sent  and the bytes-sent metric;
+                                        up to offset; not joined)   eagerWrite keeps the order
+    FileDescriptor.producerPaused,      a paused transport; a       eagerWrite, idle: leave
+    disconnecting, _writeDisconnecting  close under way (lose,      those to the transport's
+    tcp.Connection._aborting            half-close, abort)          own write path
+    FileDescriptor.connected, producer  open; a producer is set     idle: close at once
+    tcp.Connection.TLS                  startTLS() was called       usesTLS: no plaintext
+                                                                    past TLS
+    tcp.Connection.socket               the connected socket        eagerWrite: send at once
+    TLSMemoryBIOProtocol._appSendBuffer plaintext not yet given     unsentBytes: bytes sent
+                                        to OpenSSL                  under TLS
+    _twistd_unix.UnixAppLogger          the observer twistd would   twistdLogObserver: log
+    ._getLogObserver                    log to (stdout, -l FILE,    where twistd would
+                                        syslog, a daemon's file)
+    FileLogObserver._outFile            a text observer's file      observerFile: same file
+    reactor._selectables,               the posix reactors' table   dispatch, epollDoPoll,
+    _doReadOrWrite, _poller             of descriptors, their       pollDoPoll: the lean
+                                        handler, the poll object    reactors
+    reactor._reads, _writes,            the select reactor's sets,  selectDoSelect: the lean
+    _preenDescriptors,                  its clean-up after a bad    select reactor
+    selectreactor._select               descriptor, select.select
+    EPollReactor.doPoll,                the methods the lean        copied here without
+    PollReactor.doPoll,                 reactors replace            log.callWithLogger; their
+    SelectReactor.doSelect                                          source is pinned by hash
+    event key log_flattened             pre-rendered fields, keyed  logs.LogLine fills it;
+                                        "name!conversion:spec"      formatEvent reads it
+    pytest_twisted._install_reactor     pytest-twisted's installer  installTestReactor: the
+                                                                    tests' reactor by name
+    SSL4ServerEndpoint                  an ssl: endpoint's context  sslContextFactory: a
+    ._sslContextFactory                 factory                     --workers worker wraps
+                                                                    its adopted TLS port
+    unix.Port._fromListeningDescriptor  what adoptStreamPort calls  adoptSharedUNIXPort
+                                        for AF_UNIX
+    _SocketCloser._shouldShutdown       shutdown() before close()   SharedUNIXPort,
+                                        on stopListening            stopWithoutShutdown: a
+                                                                    shared socket stays up
+    ==================================  ==========================  ===========================
+
+Under C{--workers} (L{echoplug.worker}, L{echoplug.workers}), sockets are
+shared by the parent and every worker:
 
   - L{sslContextFactory}: C{SSL4ServerEndpoint._sslContextFactory}. A
     C{--workers} worker adopts a TLS listener from its parent and must wrap
@@ -24,18 +75,272 @@ fails the tests instead of echoplug.
     of each shared socket as shutdown begins, while the workers may still
     be accepting on theirs; a shutdown() would pull the socket from under
     them (their accept() fails with EINVAL, with a traceback).
+
+The eager write's closure (L{eagerWrite}) runs once per message: it reads
+the attributes directly, with no call in between, as fast as it was when it
+lived in L{echoplug.eager}, which decides when to use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import IO, Any
 
-from twisted.internet import tcp, unix
+from twisted.internet import main, selectreactor, tcp, unix
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
+from twisted.logger import FileLogObserver
+from twisted.python import log
+from twisted.python.failure import Failure
+
+# Transports: what is left to send.
+
+
+def socketTransport(transport: Any) -> Any:
+    """
+    The socket transport under C{transport}: TLS wraps the TCP one, so look
+    through wrappers (C{.transport}) to the one with a C{dataBuffer}.
+    """
+    while not hasattr(transport, "dataBuffer") and hasattr(transport, "transport"):
+        transport = transport.transport
+    return transport
+
+
+def unsentBytes(transport: object) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed on; 0 if it
+    keeps no such count (a test's C{StringTransport}).
+
+    Twisted's socket transports (C{FileDescriptor}, under every reactor
+    echoplug runs on) keep them in C{dataBuffer} from C{offset} on, plus
+    C{_tempDataLen} bytes not yet joined to it; both survive
+    C{connectionLost}, so this works at close time too. A TLS transport
+    keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}: the bytes
+    the protocol wrote, as C{bytesIn} counts them. For the ciphertext still
+    in the kernel's way, ask C{unsentBytes(socketTransport(t))}.
+    """
+    buffered = getattr(transport, "dataBuffer", None)
+    if buffered is not None:
+        return (len(buffered) - getattr(transport, "offset", 0)
+                + getattr(transport, "_tempDataLen", 0))
+    pending = getattr(transport, "_appSendBuffer", None)
+    if pending:
+        return sum(len(chunk) for chunk in pending)
+    return 0
+
+
+def usesTLS(transport: Any) -> bool:
+    """C{startTLS()} was called on this TCP transport (C{tcp.Connection.TLS})."""
+    return bool(transport.TLS)
+
+
+def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+    """
+    A write function for a plain TCP or UNIX transport (L{echoplug.eager}
+    decides which) that calls C{socket.send} at once when nothing is queued,
+    no producer is paused and no close is under way, and hands only the
+    remainder to C{transport.write}, so the transport's own buffering,
+    producer pausing, half-close and abort logic see exactly what they
+    would have seen otherwise.
+    """
+    send = transport.socket.send
+    write = transport.write
+
+    def eagerWrite(data: bytes) -> None:
+        t = transport
+        if (t.dataBuffer or t._tempDataBuffer or t.producerPaused or t.disconnecting
+                or t._aborting or t._writeDisconnecting):
+            # Something is queued, or a close is under way: keep the order.
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            # EAGAIN (the kernel buffer is full), or an error such as a reset:
+            # the transport buffers the data and finds the error itself on
+            # its next turn, exactly as if we had never tried.
+            sent = 0
+        if sent < len(data):
+            write(data[sent:])
+
+    return eagerWrite
+
+
+def idle(transport: Any) -> bool:
+    """
+    Nothing is queued on this connected socket transport, no producer is
+    registered and no close is under way: C{FileDescriptor} would close it
+    on its next write turn.
+    """
+    return bool(transport.connected and transport.producer is None
+                and not transport.dataBuffer and not transport._tempDataBuffer
+                and not transport.disconnecting and not transport._aborting
+                and not transport._writeDisconnecting)
+
+
+def closeNow(transport: Any) -> None:
+    """
+    The steps C{FileDescriptor} takes when its buffer is flushed after
+    C{loseConnection}: stop reading and writing, C{connectionLost} with
+    C{ConnectionDone}. Only for a transport that is L{idle}.
+    """
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+# twistd's log observer.
+
+
+def twistdLogObserver(serverOptions: Any) -> Any:
+    """
+    The observer twistd itself would log to for C{serverOptions}, from its
+    own C{UnixAppLogger}, so echoplug follows twistd's rules for C{-n},
+    C{-l}, C{--syslog} and daemons instead of repeating them: a
+    C{FileLogObserver}, or a legacy observer (C{twisted.python.log}) for
+    C{--syslog}.
+    """
+    from twisted.scripts._twistd_unix import UnixAppLogger
+
+    return UnixAppLogger(serverOptions)._getLogObserver()
+
+
+def observerFile(observer: FileLogObserver) -> IO[Any]:
+    """The file a C{FileLogObserver} writes to."""
+    return observer._outFile
+
+
+# The lean reactors: Twisted's doPoll and doSelect without a log context
+# per event. Each is Twisted's method line for line, but for the dispatch;
+# tests/test__twisted.py pins the source of the methods copied.
+
+
+def dispatch(reactor: Any, events: Iterable[tuple[int, int]]) -> None:
+    """
+    Run C{reactor._doReadOrWrite} for each C{(fd, event)} of a poll, as the
+    stock C{doPoll} does but without C{log.callWithLogger}.
+    """
+    selectables = reactor._selectables
+    doReadOrWrite = reactor._doReadOrWrite
+    for fd, event in events:
+        try:
+            selectable = selectables[fd]
+        except KeyError:
+            # One selectable's handler disconnected another.
+            continue
+        try:
+            doReadOrWrite(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            failed(selectable)
+
+
+def failed(selectable: Any) -> None:
+    """
+    Log the exception being handled with the selectable's log prefix, as
+    C{log.callWithLogger} would have. Call only from an C{except} block.
+    """
+    try:
+        system = selectable.logPrefix()
+    except BaseException:
+        system = "(buggy logPrefix method)"
+    log.err(system=system)
+
+
+def epollDoPoll(self: Any, timeout: float | None) -> None:
+    """C{EPollReactor.doPoll}, dispatching with L{dispatch}."""
+    if timeout is None:
+        timeout = -1  # Wait indefinitely.
+    try:
+        # At most as many events as descriptors, as the stock reactor.
+        events = self._poller.poll(timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    dispatch(self, events)
+
+
+def pollDoPoll(self: Any, timeout: float | None) -> None:
+    """C{PollReactor.doPoll}, dispatching with L{dispatch}."""
+    if timeout is not None:
+        timeout = int(timeout * 1000)  # poll() takes milliseconds.
+    try:
+        events = self._poller.poll(timeout)
+    except OSError as e:
+        if e.args[0] == errno.EINTR:
+            return
+        raise
+    dispatch(self, events)
+
+
+def selectDoSelect(self: Any, timeout: float | None) -> None:
+    """
+    C{SelectReactor.doSelect}, calling C{_doReadOrWrite} directly instead of
+    through C{log.callWithLogger}. The error handling is Twisted's, line for
+    line.
+    """
+    try:
+        r, w, _ = selectreactor._select(self._reads, self._writes, [], timeout)
+    except ValueError:
+        # Possibly a file descriptor has gone negative, or is >= FD_SETSIZE.
+        self._preenDescriptors()
+        return
+    except TypeError:
+        # Something totally invalid was passed.
+        log.err()
+        self._preenDescriptors()
+        return
+    except OSError as se:
+        if se.args[0] in (0, 2):
+            # Windows does this if it got an empty list.
+            if (not self._reads) and (not self._writes):
+                return
+            raise
+        if se.args[0] == errno.EINTR:
+            return
+        if se.args[0] == errno.EBADF:
+            self._preenDescriptors()
+            return
+        raise
+
+    doReadOrWrite = self._doReadOrWrite
+    for selectables, method, fdset in (
+        (r, "doRead", self._reads),
+        (w, "doWrite", self._writes),
+    ):
+        for selectable in selectables:
+            # Skip one that an earlier handler in this turn removed.
+            if selectable not in fdset:
+                continue
+            try:
+                doReadOrWrite(selectable, method)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                failed(selectable)
+
+
+# pytest-twisted (the tests' reactor).
+
+
+def installTestReactor(installer: Callable[[], None]) -> None:
+    """
+    Have pytest-twisted install its reactor with C{installer}, expecting
+    whatever reactor that installs: pytest-twisted's documented hook for
+    other reactors (C{reactor_installers}) calls this private function.
+    """
+    import pytest_twisted
+
+    pytest_twisted._install_reactor(reactor_installer=installer, reactor_type=object)
+
+
+# --workers: listening sockets shared between processes.
 
 
 def sslContextFactory(endpoint: Any) -> Any:

@@ -24,10 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IConnector
+from twisted.internet.interfaces import IConnector, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+
+from echoplug.reactors import install
 
 MESSAGES = ["This is the message. ", "It will be sent ", "in parts."]
 
@@ -43,6 +46,7 @@ class EchoClient(Protocol):
     """
 
     factory: EchoClientFactory
+    transport: ITCPTransport
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -54,6 +58,7 @@ class EchoClient(Protocol):
     def connectionMade(self) -> None:
         # The local address, as the original printed getsockname().
         host = self.transport.getHost()
+        assert isinstance(host, IPv4Address | IPv6Address)
         self.name = repr((host.host, host.port))
         self.factory.connected.callback(self)
 
@@ -90,7 +95,7 @@ class EchoClient(Protocol):
             ))
 
 
-class EchoClientFactory(ClientFactory):
+class EchoClientFactory(ClientFactory["EchoClient"]):
     """
     Make one L{EchoClient}; C{connected} fires with it, or fails with a
     L{ClientError} if the connection cannot be made.
@@ -190,29 +195,19 @@ def positiveFloat(text: str) -> float:
     return value
 
 
-def installReactor(name: str | None) -> Any:
-    """Install the named reactor (as C{twistd -r} would) and return it."""
-    if name is not None:
-        from twisted.application.reactors import NoSuchReactor, installReactor
-
-        try:
-            installReactor(name)
-        except NoSuchReactor:
-            raise SystemExit(f"echoplug-client: no such reactor: {name!r}") from None
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parseArgs(argv)
-    reactor = installReactor(options.reactor)
+    reactor = install(options.reactor, prog="echoplug-client")
     outcome: list[BaseException] = []
+
+    def failed(f: Failure) -> None:
+        assert f.value is not None
+        outcome.append(f.value)
 
     def run(reactor: Any) -> defer.Deferred[None]:
         d = defer.ensureDeferred(converse(reactor, options))
         d.addTimeout(options.timeout, reactor)
-        d.addErrback(lambda f: outcome.append(f.value))
+        d.addErrback(failed)
         return d
 
     from twisted.internet.task import react

@@ -14,18 +14,17 @@ writability only to learn on the next turn that the buffer is empty (one
 reactor turn and two C{epoll_ctl} calls per connection).
 
 L{eagerWriter} returns a write function for a transport. On a plain TCP (or
-UNIX) server transport with nothing buffered, no paused producer, TLS off and
+UNIX) transport with nothing buffered, no paused producer, TLS off and
 no close under way, it calls C{socket.send} directly and hands only the
 remainder to C{transport.write}, so the transport's own buffering, producer
 pausing (backpressure), half-close and abort logic see exactly what they
 would have seen otherwise. Any other transport (TLS, wrapped by a
 C{ProtocolWrapper}, a test's C{StringTransport}) gets its plain C{write}.
 
-It reads a few of C{FileDescriptor}'s attributes (C{dataBuffer},
-C{_tempDataBuffer}, C{producerPaused}, C{disconnecting}, C{_aborting},
-C{_writeDisconnecting}, C{TLS}, C{socket}). They have been stable for over a
-decade; tests/test_eager.py pins each one, so a Twisted upgrade that changes
-them fails the tests instead of silently losing data or speed.
+The reads of Twisted's internals that this takes (C{FileDescriptor}'s
+buffers and close flags, C{TLS}, C{socket}) are in L{echoplug._twisted},
+with the closure itself, so the per-message path has no extra call; this
+module decides which transports get it.
 """
 
 from __future__ import annotations
@@ -33,47 +32,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import main, tcp
-from twisted.python.failure import Failure
+from twisted.internet import tcp
 
+from echoplug import _twisted
+
+#: Transport classes, exactly (not subclasses), whose write path is
+#: C{FileDescriptor.write} over a plain stream socket: the server ends (an
+#: echo) and the client ends (the lab's load client).
+PLAIN: tuple[type, ...] = (tcp.Server, tcp.Client)
 try:
     from twisted.internet import unix
 except ImportError:  # pragma: no cover - platforms without AF_UNIX
-    unix = None  # type: ignore[assignment]
-
-#: Transport classes, exactly (not subclasses), whose write path is
-#: C{FileDescriptor.write} over a plain stream socket.
-PLAIN: tuple[type, ...] = (tcp.Server,) + ((unix.Server,) if unix is not None else ())
+    pass
+else:
+    PLAIN += (unix.Server, unix.Client)
 
 
 def eagerWriter(transport: Any) -> Callable[[bytes], None]:
     """
     The function to write with on C{transport}: an eager one for a plain TCP
-    or UNIX server transport, else C{transport.write} itself.
+    or UNIX transport, else C{transport.write} itself.
     """
-    if type(transport) not in PLAIN or transport.TLS:
-        return transport.write  # type: ignore[no-any-return]
-    send = transport.socket.send
-    write = transport.write
-
-    def eagerWrite(data: bytes) -> None:
-        t = transport
-        if (t.dataBuffer or t._tempDataBuffer or t.producerPaused or t.disconnecting
-                or t._aborting or t._writeDisconnecting):
-            # Something is queued, or a close is under way: keep the order.
-            write(data)
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            # EAGAIN (the kernel buffer is full), or an error such as a reset:
-            # the transport buffers the data and finds the error itself on
-            # its next turn, exactly as if we had never tried.
-            sent = 0
-        if sent < len(data):
-            write(data[sent:])
-
-    return eagerWrite
+    if type(transport) not in PLAIN or _twisted.usesTLS(transport):
+        write: Callable[[bytes], None] = transport.write
+        return write
+    return _twisted.eagerWrite(transport)
 
 
 def loseConnection(transport: Any) -> None:
@@ -84,12 +67,7 @@ def loseConnection(transport: Any) -> None:
     writing, C{connectionLost} with C{ConnectionDone}), one reactor turn
     sooner. Anything else takes the ordinary path.
     """
-    if (type(transport) in PLAIN and not transport.TLS and transport.connected
-            and transport.producer is None and not transport.dataBuffer
-            and not transport._tempDataBuffer and not transport.disconnecting
-            and not transport._aborting and not transport._writeDisconnecting):
-        transport.stopReading()
-        transport.stopWriting()
-        transport.connectionLost(Failure(main.CONNECTION_DONE))
+    if type(transport) in PLAIN and not _twisted.usesTLS(transport) and _twisted.idle(transport):
+        _twisted.closeNow(transport)
     else:
         transport.loseConnection()

@@ -19,15 +19,15 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from echoplug._twisted import socketTransport, unsentBytes
 from echoplug.logs import LEVELS, LogLine, formatAddress
-from echoplug.protocol import Echo, TracingEcho
+from echoplug.protocol import Books, Echo, TracingEcho
 
 
-class EchoFactory(ServerFactory):
+class EchoFactory(Books):
     """
     Build echo protocols and account for them.
 
@@ -52,7 +52,7 @@ class EchoFactory(ServerFactory):
 
     refusalLogInterval = 1.0  # at most one refusal line per this many seconds
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
     noisy = False  # no "Starting factory" lines: the service logs its own.
 
     def __init__(
@@ -65,7 +65,7 @@ class EchoFactory(ServerFactory):
         clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor as clock
         self.clock: Any = clock
         self.protocol = TracingEcho if trace else Echo
         level = LEVELS[logLevel]
@@ -92,25 +92,27 @@ class EchoFactory(ServerFactory):
         self._flushCall: Any = None
         self._emptyWaiters: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress) -> Echo | None:
+    protocol: type[Echo]
+
+    def buildProtocol(self, addr: IAddress | None) -> Echo | None:
         # Returning None makes the listening port close the new socket at
         # once: the client sees EOF (or a reset), and is never served.
         if self.maxConnections is not None and len(self.connections) >= self.maxConnections:
-            return self.refuse(addr, f"at --max-connections {self.maxConnections}")
+            self.refuse(addr, f"at --max-connections {self.maxConnections}")
+            return None
         host = None
         if self.maxPerPeer is not None:
             host = getattr(addr, "host", None)  # None for UNIX sockets: not capped
             if host is not None and self.perPeer.get(host, 0) >= self.maxPerPeer:
-                return self.refuse(
-                    addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}"
-                )
+                self.refuse(addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}")
+                return None
         p = self.protocol()
         p.factory = self
         if host is not None:
             p.peerHost = host
         return p
 
-    def refuse(self, addr: IAddress, why: str) -> None:
+    def refuse(self, addr: IAddress | None, why: str) -> None:
         """
         Count a refused connection and log it, at most one line per
         L{refusalLogInterval}: a flood of refusals must not flood the log.
@@ -130,7 +132,6 @@ class EchoFactory(ServerFactory):
                 self._flushCall = self.clock.callLater(
                     self._lastRefusalLog + self.refusalLogInterval - now, self._flushRefusals
                 )
-        return None
 
     def _flushRefusals(self) -> None:
         self._flushCall = None
@@ -210,7 +211,8 @@ class EchoFactory(ServerFactory):
             return
         now = self.clock.seconds()
         for p in list(self.connections):
-            mark = (p.bytesIn, pendingBytes(p.transport))
+            # The ciphertext too under TLS: is anything leaving at all?
+            mark = (p.bytesIn, unsentBytes(socketTransport(p.transport)))
             if mark != p.idleMark:
                 p.idleMark = mark
                 p.idleSince = now
@@ -230,57 +232,17 @@ class EchoFactory(ServerFactory):
         return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
 
     @staticmethod
-    def peerOf(transport: ITransport) -> str:
+    def peerOf(transport: ITransport | None) -> str:
+        assert transport is not None
         return formatAddress(transport.getPeer())
-
-
-def _bottom(transport: Any) -> Any:
-    # A TLS transport wraps the TCP one: look through wrappers to the socket.
-    while not hasattr(transport, "dataBuffer") and hasattr(transport, "transport"):
-        transport = transport.transport
-    return transport
-
-
-def pendingBytes(transport: Any) -> int:
-    """
-    Bytes written but not yet sent, from the fields of Twisted's
-    C{FileDescriptor} (every POSIX reactor, asyncio included); 0 if unknown.
-    """
-    t = _bottom(transport)
-    try:
-        return len(t.dataBuffer) - t.offset + t._tempDataLen
-    except AttributeError:
-        return 0
 
 
 def fileno(transport: Any) -> int:
     """The descriptor under C{transport}, or -1 if it has none."""
     try:
-        return int(_bottom(transport).fileno())
+        return int(socketTransport(transport).fileno())
     except (AttributeError, TypeError, ValueError):
         return -1
-
-
-def unsentBytes(transport: object) -> int:
-    """
-    Bytes written to C{transport} that it has not yet handed to the kernel.
-
-    Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor},
-    under every reactor echoplug runs on) keep them in C{dataBuffer} from
-    C{offset} on, plus C{_tempDataLen} bytes not yet joined to it; both
-    survive C{connectionLost}, so this works at close time too. A TLS
-    transport keeps plaintext not yet given to OpenSSL in C{_appSendBuffer}:
-    unlike L{pendingBytes}, which looks through to the ciphertext, this
-    counts the bytes the protocol wrote, as C{bytesIn} does.
-    """
-    buffered = getattr(transport, "dataBuffer", None)
-    if buffered is not None:
-        return (len(buffered) - getattr(transport, "offset", 0)
-                + getattr(transport, "_tempDataLen", 0))
-    pending = getattr(transport, "_appSendBuffer", None)
-    if pending:
-        return sum(len(chunk) for chunk in pending)
-    return 0
 
 
 def describeReason(reason: Failure) -> str:

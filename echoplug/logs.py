@@ -45,6 +45,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from echoplug._twisted import observerFile, twistdLogObserver
+
 LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -143,11 +145,11 @@ class CachedTime:
         self.text = ""
 
     def __call__(self, when: float | None) -> str:
-        second = int(when) if when is not None and when >= 0 else -1
-        if second < 0 or when - second > 0.999999:  # type: ignore[operator]
+        if when is None or when < 0 or when - int(when) > 0.999999:
             # datetime rounds to the microsecond, so the last microsecond of
             # a second may print as the next one: leave that to Twisted.
             return formatTime(when, timeFormatRFC3339)
+        second = int(when)
         if second != self.second:
             self.text = formatTime(second, timeFormatRFC3339)
             self.second = second
@@ -166,14 +168,15 @@ class ClassicText:
 
     def __call__(self, event: LogEvent) -> str | None:
         text = event.get(TEXT_KEY)
-        if text is None or "log_failure" in event or "log_system" in event:
+        if text is None or "log_failure" in event:
             return formatEventAsClassicLogText(event, formatTime=self.formatTime)
         if not text:
             return None
-        level = event.get("log_level")
-        line = (f"{self.formatTime(event.get('log_time'))} "
-                f"[{event.get('log_namespace', '-')}#{'-' if level is None else level.name}] "
-                f"{text}")
+        system = event.get("log_system")  # set by a --workers worker (WorkerTag)
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self.formatTime(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
 
@@ -199,9 +202,9 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
     writes to that file with L{textObserver} (or L{JSONLinesObserver} for
     C{fmt="json"}), dropping events below C{level} if one is given. Under
     C{--syslog} it only filters twistd's syslog observer by C{level}; a
-    C{--logger} of the user's own is left alone. The Twisted names used
-    (C{UnixAppLogger._getLogObserver}, C{FileLogObserver._outFile}) are
-    pinned in tests/test_logs.py.
+    C{--logger} of the user's own is left alone. Asking twistd takes two of
+    its private names (L{echoplug._twisted.twistdLogObserver},
+    L{echoplug._twisted.observerFile}).
 
     @raise SystemExit: C{fmt="json"} with C{--syslog} (one line).
     """
@@ -212,16 +215,14 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
                          "it cannot go to --syslog")
     if serverOptions.get("syslog") and level is None:
         return None
-    from twisted.scripts._twistd_unix import UnixAppLogger
-
-    stock = UnixAppLogger(serverOptions)._getLogObserver()
+    stock = twistdLogObserver(serverOptions)
     if not isinstance(stock, FileLogObserver):
         # syslog: twistd's legacy observer, behind echoplug's level filter.
         predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level or "info"])
         return FilteringLogObserver(LegacyLogObserverWrapper(stock), [predicate])
     if level is None and fmt == "text":
-        return textObserver(stock._outFile)
-    return makeObserver(fmt, level or "info", stock._outFile)
+        return textObserver(observerFile(stock))
+    return makeObserver(fmt, level or "info", observerFile(stock))
 
 
 def formatAddress(address: object) -> str:
@@ -235,9 +236,8 @@ def formatAddress(address: object) -> str:
         return f"[{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
         name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name or "unix"
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
+        return text or "unix"
     return str(address)
 
 

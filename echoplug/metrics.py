@@ -34,6 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IListeningPort
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -66,7 +67,7 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "echoplug_connections_refused",
             "Connections refused since start (closed at once, over a connection cap).",
-            value=getattr(f, "refused", 0))
+            value=f.refused)
         yield GaugeMetricFamily(
             "echoplug_connections_open", "Connections open now.", value=len(f.connections))
         yield CounterMetricFamily(
@@ -156,7 +157,8 @@ class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self
-        return super().getChild(path, request)
+        child: Resource = super().getChild(path, request)
+        return child
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader("content-type", "text/plain; charset=utf-8")
@@ -168,7 +170,7 @@ class MetricsSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -184,7 +186,7 @@ def makeSite(factory: Any, reactor: Any, *extra: Collector) -> Site:
 
 class MetricsListener(Listener):
     """
-    Serve the metrics site on one endpoint. A L{Listener}, so it binds
+    Serve the metrics site (L{makeSite}) on one endpoint. A L{Listener}, so it binds
     before privileges drop, a port in use is one line, and
     L{EchoService.whenListening} (hence C{READY=1}) waits for it too.
     """

@@ -104,7 +104,7 @@ class SystemdNotifier(Service):
     @ivar sent: every state sent, oldest first (for tests and debugging).
     """
 
-    log = Logger(namespace="echoplug.notify")
+    log = Logger()
     name = "systemd-notify"
 
     def __init__(

@@ -13,18 +13,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echoplug.eager import eagerWriter, loseConnection
 
-if TYPE_CHECKING:
-    from echoplug.factory import EchoFactory
+
+class Books(ServerFactory["Echo"]):
+    """
+    What an L{Echo} tells its factory: a connection made or lost, and how
+    to name its peer. L{echoplug.factory.EchoFactory} keeps the books; the
+    base class is here so that this module needs nothing from the factory's
+    (which imports this one).
+    """
+
+    def connectionMade(self, proto: Echo) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, proto: Echo, reason: Failure) -> None:
+        raise NotImplementedError
+
+    def peerOf(self, transport: Any) -> str:
+        raise NotImplementedError
 
 
 @implementer(IHalfCloseableProtocol)
@@ -40,7 +55,11 @@ class Echo(Protocol):
         TCP transport, else C{transport.write} (see L{echoplug.eager}).
     """
 
-    factory: EchoFactory
+    factory: Books
+    # A tcp.Server, unix.Server or TLS transport: no one Twisted interface
+    # names all it is asked for here (registerProducer, abortConnection,
+    # getPeer), and Protocol types it as ITransport | None.
+    transport: Any
     bytesIn = 0
     started = 0.0
     closeReason: str | None = None
@@ -76,7 +95,7 @@ class Echo(Protocol):
         # The peer will read no more; nothing we send can arrive.
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connectionLost(self, reason)
 
     def close(self, why: str, graceful: bool = False) -> None:
@@ -105,7 +124,7 @@ class TracingEcho(Echo):
     "closing". Chosen by C{--trace}; never on the fast path otherwise.
     """
 
-    log = Logger(namespace="echoplug.trace")
+    log = Logger()
 
     def connectionMade(self) -> None:
         self.peer = self.factory.peerOf(self.transport)

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -41,8 +41,10 @@ def reactorName(reactor: object) -> str:
 
     module = type(reactor).__module__
     for installer in getReactorTypes():
-        if installer.shortName != "default" and installer.moduleName == module:
-            return installer.shortName
+        # moduleName: Twisted's Reactor has it, IReactorInstaller does not say.
+        if (installer.shortName != "default"
+                and getattr(installer, "moduleName", None) == module):
+            return str(installer.shortName)
     return type(reactor).__name__
 
 
@@ -86,11 +88,13 @@ def raiseNoFile(wall: int | None) -> int:
 class Refused(Protocol):
     """A connection over a cap, behind a wrapper (TLS): closed at once."""
 
+    transport: ITCPTransport
+
     def connectionMade(self) -> None:
         self.transport.abortConnection()
 
 
-class RefuseByClosing(ServerFactory):
+class RefuseByClosing(ServerFactory[Protocol]):
     """
     Let a wrapping factory (TLS) see a refusal as a protocol that closes at
     once rather than as C{None}, which C{WrappingFactory} cannot handle.
@@ -107,15 +111,17 @@ class RefuseByClosing(ServerFactory):
 
 class Listener(Service):
     """
-    Listen on one endpoint with the shared factory.
+    Listen on one endpoint with a factory: the echo service's shared
+    L{EchoFactory}, or any other server factory (the metrics site).
 
     @ivar ready: fires with the listening port once it listens.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
 
     def __init__(
-        self, description: str, endpoint: IStreamServerEndpoint, factory: EchoFactory
+        self, description: str, endpoint: IStreamServerEndpoint,
+        factory: ServerFactory[Any],
     ) -> None:
         self.description = description
         self.endpoint = endpoint
@@ -126,11 +132,12 @@ class Listener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failed: list[Failure] = []
-        factory: ServerFactory = self.factory
+        factory = self.factory
         if isinstance(self.endpoint, SSL4ServerEndpoint) or self.description.startswith(
                 ("ssl:", "tls:")):
             # TLS wraps our factory, and wraps the None of a refusal too,
             # which then fails with a traceback: refuse with a protocol.
+            assert isinstance(self.factory, EchoFactory), "TLS serves the echo"
             factory = RefuseByClosing(self.factory)
         d = self.endpoint.listen(factory)
         d.addCallbacks(self._listening, failed.append)
@@ -174,7 +181,7 @@ class EchoService(MultiService):
         C{stopService} (SIGTERM) before they are aborted.
     """
 
-    log = Logger(namespace="echoplug")
+    log = Logger()
     #: The sweep runs this many times per idle timeout, so a connection is
     #: closed after between 1 and 1.5 timeouts without traffic.
     sweepsPerTimeout = 4
@@ -278,7 +285,7 @@ class EchoService(MultiService):
             return self._draining
         self._hurryOnSignals()
         stopped = super().stopService()
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._draining = d
         n = len(self.factory.connections)
         if n:

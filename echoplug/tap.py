@@ -63,7 +63,8 @@ def parseEndpoint(description: str, option: str = "--port") -> IStreamServerEndp
     from twisted.internet import reactor
 
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
     except Exception as e:
         why = str(e) or type(e).__name__
         if description.startswith("systemd:"):
@@ -121,8 +122,6 @@ class Options(usage.Options):
         ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
          "line (json), to stdout. Given either, echoplug owns the log and twistd's "
          "--logfile is not used. [default: text]"],
-    ]
-    optParameters += [
         ["idle-timeout", None, None, "Close a connection after this many seconds "
          "with no traffic either way, even one paused because its client stopped "
          "reading. 0: never. [default: 0]"],

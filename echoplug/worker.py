@@ -123,6 +123,7 @@ class AdoptedListener(Listener):
     def __init__(self, description: str, endpoint: Any, fd: int,
                  factory: EchoFactory, fairShare: FairShare) -> None:
         super().__init__(description, endpoint, factory)
+        self.echoFactory = factory
         self.fd = fd
         self.fairShare = fairShare
 
@@ -142,7 +143,7 @@ class AdoptedListener(Listener):
 
             # As listenSSL does: TLS around a factory that refuses with a
             # protocol (RefuseByClosing), never with None.
-            refusing: Any = RefuseByClosing(self.factory)
+            refusing: Any = RefuseByClosing(self.echoFactory)
             factory = TLSMemoryBIOFactory(_twisted.sslContextFactory(self.endpoint), False,
                                           refusing)
         os.set_blocking(self.fd, False)

@@ -24,6 +24,8 @@ import signal
 import pytest
 import pytest_twisted
 
+from echoplug._twisted import installTestReactor
+
 TEST_REACTOR = os.environ.get("ECHOPLUG_TEST_REACTOR", "")
 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
@@ -40,8 +42,7 @@ def installNamedReactor() -> None:
             raise pytest.UsageError(
                 f"ECHOPLUG_TEST_REACTOR={TEST_REACTOR!r}: no such reactor") from None
 
-    # object: whatever reactor that name installs is the expected one.
-    pytest_twisted._install_reactor(reactor_installer=install, reactor_type=object)
+    installTestReactor(install)
 
 
 if TEST_REACTOR:

@@ -8,17 +8,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from echoplug.lab import procs
 
 # Twisted's reactors and echoplug's lean ones (echoplug.reactors): every
 # per-reactor test runs on each.
@@ -28,11 +28,8 @@ LISTENING = re.compile(r"listening on (?P<host>[^\s,]+):(?P<port>\d+), reactor=(
 
 
 def twistdCommand() -> list[str]:
-    """The twistd console script of the running interpreter."""
-    beside = Path(sys.executable).with_name("twistd")
-    exe = str(beside) if beside.exists() else shutil.which("twistd")
-    assert exe, "twistd is not installed"
-    return [exe]
+    """The twistd of the running interpreter (L{procs.twistdArgv})."""
+    return procs.twistdArgv()
 
 
 @dataclass
@@ -54,19 +51,12 @@ class Server:
 
     def waitFor(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait until a log line matches C{pattern}; return the match."""
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        seen = 0
-        while time.monotonic() < deadline:
-            for line in self.lines[seen:]:
-                m = rx.search(line)
-                if m:
-                    return m
-            seen = len(self.lines)
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"no log line matching {pattern!r}; log:\n{self.output()}")
+        reader = self._reader
+        m = procs.waitForLine(self.lines, pattern, timeout, lambda: self.proc.poll() is None
+                              or (reader is not None and reader.is_alive()))
+        if m is None:
+            raise AssertionError(f"no log line matching {pattern!r}; log:\n{self.output()}")
+        return m
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -82,7 +72,7 @@ class Server:
 PathLike = str | os.PathLike[str]
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = procs.ROOT
 
 
 def testEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,10 +81,7 @@ def testEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
     C{PYTHONPATH}, so the child runs the code under test (and finds its
     dropin) even beside another installed copy of echoplug.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
+    return procs.childEnv(extra)
 
 
 def startProcess(argv: Sequence[str], cwd: PathLike, env: dict[str, str] | None = None,
@@ -150,22 +137,15 @@ def twistd(reactor: str | None, *options: str, cwd: str | os.PathLike[str],
         server.stop()
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+freePort = procs.freePort
 
 
 def waitForPort(server: Server, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, f"server exited:\n{server.output()}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}:\n{server.output()}")
+    try:
+        listening = procs.waitForPort(port, timeout, lambda: server.proc.poll() is None)
+    except TimeoutError:
+        raise AssertionError(f"nothing listens on {port}:\n{server.output()}") from None
+    assert listening, f"server exited:\n{server.output()}"
 
 
 def stockEcho(reactor: str, cwd: PathLike) -> contextlib.AbstractContextManager[Server]:
@@ -207,12 +187,8 @@ def _tac(reactor: str, tac: Path, cwd: str | os.PathLike[str]) -> Iterator[Serve
         server.stop()
 
 
-def rssBytes(pid: int) -> int:
-    """Resident set size of a process, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+#: Resident set size of a process, from /proc/PID/status.
+rssBytes = procs.rssBytes
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:

@@ -1,13 +1,202 @@
 """
-The private Twisted names that L{echoplug._twisted} reads, pinned: a Twisted
-upgrade that renames one fails here, not in a worker.
+The Twisted internals echoplug reads (L{echoplug._twisted}), pinned: each
+name exists with the default or meaning echoplug assumes, and the Twisted
+methods the lean reactors copy are unchanged, so that a Twisted upgrade that
+changes any of them fails here instead of silently losing data or speed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
 
-from twisted.internet import endpoints, tcp, unix
+import pytest
+import pytest_twisted
+from twisted.internet import (
+    endpoints,
+    epollreactor,
+    pollreactor,
+    reactor,
+    selectreactor,
+    tcp,
+    threads,
+    unix,
+)
+from twisted.internet.abstract import FileDescriptor
+from twisted.logger import FileLogObserver, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from echoplug import _twisted
+from echoplug.eager import PLAIN
+from tests.test_eager import accepted, recvExactly
+from tests.test_logs import LINES, both
+from tests.test_reactors import LEAN
+
+# Socket transports: eager writes, unsent bytes, closing at once.
+
+
+def test_pinned_filedescriptor_attributes() -> None:
+    """Each attribute _twisted reads exists, with the default it assumes."""
+    assert FileDescriptor.dataBuffer == b""
+    assert FileDescriptor.offset == 0
+    assert FileDescriptor(reactor)._tempDataLen == 0
+    assert FileDescriptor.disconnecting == 0
+    assert FileDescriptor._writeDisconnecting is False
+    assert FileDescriptor.producerPaused is False
+    assert FileDescriptor.producer is None
+    assert FileDescriptor.connected == 0
+    assert tcp.Connection._aborting is False
+    assert tcp.Server.TLS is False
+    assert tcp.Client.TLS is False
+    assert FileDescriptor(reactor)._tempDataBuffer == []
+    # unix.Server and unix.Client are tcp's write path plus file-descriptor
+    # passing, which an echo never uses.
+    assert issubclass(unix.Server, tcp.Server)
+    assert issubclass(unix.Client, tcp.BaseClient)
+    assert issubclass(tcp.Client, tcp.Connection)
+    assert PLAIN == (tcp.Server, tcp.Client, unix.Server, unix.Client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_pinned_twisted_write_is_deferred():
+    """
+    The premise: FileDescriptor.write only buffers and asks the reactor for
+    writability. If Twisted ever sends at once itself, eager.py is redundant.
+    """
+    pair = yield accepted()
+    try:
+        t = pair.transport
+        assert t.socket.send is not None
+        t.write(b"later")
+        assert t._tempDataBuffer == [b"later"]
+        assert _twisted.unsentBytes(t) == 5
+        assert t in reactor.getWriters()
+        assert (yield threads.deferToThread(recvExactly, pair.client, 5)) == b"later"
+        assert _twisted.unsentBytes(t) == 0
+    finally:
+        yield pair.close()
+
+
+def test_pinned_tls_plaintext_buffer() -> None:
+    """
+    TLS keeps the plaintext it has not given OpenSSL in _appSendBuffer, a
+    list of bytes set up when the connection is made, and no dataBuffer of
+    its own (so unsentBytes counts plaintext, not ciphertext).
+    """
+    assert "self._appSendBuffer = []" in inspect.getsource(TLSMemoryBIOProtocol.makeConnection)
+    assert "self._appSendBuffer.append(" in inspect.getsource(TLSMemoryBIOProtocol)
+    assert not hasattr(TLSMemoryBIOProtocol, "dataBuffer")
+
+    class Pending:
+        _appSendBuffer = [b"plain", b"text"]
+
+    assert _twisted.unsentBytes(Pending()) == 9
+
+
+# twistd's log observer.
+
+
+def test_pinned_twistd_log_observer() -> None:
+    """
+    twistdObserver asks twistd's own UnixAppLogger for its observer and
+    takes the file from it: both names must still exist and mean that.
+    """
+    from twisted.scripts._twistd_unix import UnixApplicationRunner, UnixAppLogger
+
+    assert UnixApplicationRunner.loggerFactory is UnixAppLogger
+    stock = UnixAppLogger({"nodaemon": True, "logfile": ""})._getLogObserver()
+    assert isinstance(stock, FileLogObserver)
+    assert stock._outFile is sys.stdout
+    stock = _twisted.twistdLogObserver({"nodaemon": True, "logfile": ""})
+    assert isinstance(stock, FileLogObserver)
+    assert _twisted.observerFile(stock) is sys.stdout
+
+
+def test_pinned_twisted_formats_from_log_flattened() -> None:
+    """
+    The saving rests on formatEvent using log_flattened when present, with
+    Twisted's key names: prove it reads the pre-rendered text, not the fields.
+    """
+    _, fast = both(*LINES[0])
+    fast["peer"] = "someone else"
+    assert formatEvent(fast).startswith("close [::1]:5 after 0.012s, 1000000000000 bytes")
+
+
+# The lean reactors.
+
+# sha256 (first 16 hex digits) of the source of each Twisted method the lean
+# reactors replace, as of Twisted 26.10.0. If one changes, re-read it, carry
+# the change into echoplug/_twisted.py, and update the digest here.
+PINNED = {
+    "EPollReactor.doPoll": "09b62ae68ef01b4b",
+    "PollReactor.doPoll": "55eb90313d87326e",
+    "SelectReactor.doSelect": "b87499d26f45e710",
+}
+COPIES = {
+    "EPollReactor.doPoll": _twisted.epollDoPoll,
+    "PollReactor.doPoll": _twisted.pollDoPoll,
+    "SelectReactor.doSelect": _twisted.selectDoSelect,
+}
+
+
+@pytest.mark.parametrize("name", LEAN)
+def test_replaced_twisted_method_is_unchanged(name: str) -> None:
+    lean, stock, method = LEAN[name]
+    source = inspect.getsource(getattr(stock, method))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == PINNED[f"{stock.__name__}.{method}"], (
+        f"Twisted's {stock.__name__}.{method} changed: review echoplug._twisted")
+    # What the lean copy leaves out, and only that, is the log context.
+    assert "callWithLogger" in source or "_logrun" in source
+    # The class runs the copy in _twisted, and nothing else.
+    assert lean.__dict__[method] is COPIES[f"{stock.__name__}.{method}"]
+
+
+@pytest.fixture(params=list(LEAN))
+def lean(request) -> Iterator[Any]:
+    cls = LEAN[request.param][0]
+    reactor = cls()  # not installed: only looked at
+    yield reactor
+    if reactor.waker is not None:
+        reactor._removeInternalReader(reactor.waker)
+        reactor.waker.connectionLost(None)
+    poller = getattr(reactor, "_poller", None)
+    if hasattr(poller, "close"):
+        poller.close()
+
+
+def test_pinned_reactor_internals(lean) -> None:
+    """The private names the lean reactors use exist on Twisted's reactors."""
+    method = "doSelect" if isinstance(lean, selectreactor.SelectReactor) else "doPoll"
+    # doIteration is bound in the class body of Twisted's reactors: the
+    # subclass must rebind it, or the stock method keeps running.
+    assert type(lean).doIteration is getattr(type(lean), method)
+    assert type(lean).__dict__[method] is not getattr(type(lean).__mro__[1], method)
+    assert callable(lean._doReadOrWrite)
+    if isinstance(lean, selectreactor.SelectReactor):
+        assert isinstance(lean._reads, set) and isinstance(lean._writes, set)
+        assert callable(selectreactor._select) and callable(lean._preenDescriptors)
+    else:
+        assert isinstance(lean._selectables, dict)
+        assert hasattr(lean._poller, "poll")
+    assert isinstance(lean, (epollreactor.EPollReactor, pollreactor.PollReactor,
+                             selectreactor.SelectReactor))
+
+
+# pytest-twisted.
+
+
+def test_pinned_pytest_twisted_installer() -> None:
+    """tests/conftest.py installs a named reactor through this private function."""
+    parameters = inspect.signature(pytest_twisted._install_reactor).parameters
+    assert {"reactor_installer", "reactor_type"} <= set(parameters)
+    assert callable(_twisted.installTestReactor)
+
+
+# --workers: shared listening sockets.
 
 
 def test_ssl_endpoint_keeps_its_context_factory() -> None:

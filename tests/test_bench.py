@@ -12,14 +12,13 @@ import sys
 
 import pytest
 
-from echoplug import bench
-from echoplug.lab import cbuild, servers
+from echoplug.lab import bench, cbuild, servers
 from echoplug.lab.runner import CAPPED, Target
 from tests.support import testEnv
 
 
 def runBench(*args: str, cwd, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "echoplug.bench", *args], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "echoplug.lab.bench", *args], cwd=cwd,
                           capture_output=True, text=True, env=testEnv(), timeout=timeout)
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -55,7 +54,7 @@ def test_bad_options_are_one_line(args, why, tmp_path) -> None:
 def test_no_compiler(tmp_path, monkeypatch) -> None:
     """--load c without cc is one line; unasked, the bench falls back to twisted."""
     noCC = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "echoplug.bench", "--load", "c"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "echoplug.lab.bench", "--load", "c"], cwd=tmp_path,
                           capture_output=True, text=True, env=testEnv(noCC), timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("echoplug-bench: no C compiler (cc, or $CC)")
@@ -68,6 +67,8 @@ def test_no_compiler(tmp_path, monkeypatch) -> None:
         assert bench.parseArgs([]).load == "c"
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("load", ["c", "twisted"])
 def test_tiny_sweep(tmp_path, load: str) -> None:
     done = runBench("--reactors", "epoll", "--connections", "2", "--idle", "0", "--size", "64",
@@ -84,7 +85,7 @@ def test_tiny_sweep(tmp_path, load: str) -> None:
     assert float(row["p50_us"]) <= float(row["p99_us"]) <= float(row["p999_us"])
     assert "| echoplug | epoll | 2 | 0 |" in (out / "results.md").read_text()
     assert "| echoplug | epoll | 2 | 0 |" in done.stdout
-    for png in ("cpu_vs_idle.png", "latency_vs_connections.png"):
+    for png in ("cpu_vs_idle.png", "latency_vs_connections.png", "summary.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "1/1 points, 1/1 runs" in done.stderr  # the progress bar
     assert f"echoplug-bench: load client {load} (" in done.stderr
@@ -94,10 +95,12 @@ def test_tiny_sweep(tmp_path, load: str) -> None:
     again = runBench("--replot", "--out", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (out / "cpu_vs_idle.png").exists()
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"  # redrawn from the CSV
     assert "echoplug-bench --reactors epoll" in (out / "results.md").read_text()
     assert f"--load {load}" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_capped_point_never_crashes(tmp_path) -> None:
     done = runBench("--reactors", "select", "--connections", "1", "--idle", "1000",
                     "--size", "64", "--repeat", "1", "--no-plots", "--out", "out",
@@ -108,6 +111,7 @@ def test_capped_point_never_crashes(tmp_path) -> None:
     assert "capped" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_peers_and_churn_side_by_side(tmp_path) -> None:
     done = runBench("--workload", "churn", "--reactors", "poll", "--peer", "wire-echo",
                     "--peer", "asyncio", "--connections", "2", "--clients", "2",
@@ -121,6 +125,46 @@ def test_peers_and_churn_side_by_side(tmp_path) -> None:
     assert "CPU µs/conn" in (tmp_path / "out" / "results.md").read_text()
     # The load client was not named: the one chosen is recorded with the figures.
     assert "--load c" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_server_args_variants_measured_in_turns(tmp_path) -> None:
+    """Two --server-args: two echoplugs at the same point, one row each, named by args."""
+    done = runBench("--workload", "churn", "--reactors", "epoll", "--server-args", "",
+                    "--server-args", "--log-level warn", "--connections", "2", "--clients", "2",
+                    "--duration", "0.4", "--warmup", "0.1", "--repeat", "2", "--out", "out",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    rows = readCsv(out / "results.csv")
+    assert [(r["server"], r["reactor"], r["runs"]) for r in rows] == [
+        ("echoplug[]", "epoll", "2"), ("echoplug[--log-level warn]", "epoll", "2")]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "| echoplug[--log-level warn] | epoll |" in (out / "results.md").read_text()
+    # Each variant ran with its own arguments: only the default one logged
+    # an access line per connection.
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert sum("bytes echoed" in text for text in logs.values()) == 1, list(logs)
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_server_args_variants_are_targets() -> None:
+    options = bench.parseArgs(["--reactors", "poll,epoll", "--server-args", "",
+                               "--server-args", "--log-level warn", "--server-args", "",
+                               "--peer", "asyncio", "--load", "twisted"])
+    assert options.variants == [[], ["--log-level", "warn"]]
+    assert options.server_args == []
+    warn = ("--log-level", "warn")
+    assert bench.targets(options) == [
+        Target("echoplug", "poll", ()), Target("echoplug", "poll", warn),
+        Target("echoplug", "epoll", ()), Target("echoplug", "epoll", warn),
+        Target("asyncio", "stdlib")]
+    assert [t.name for t in bench.targets(options)[:2]] == [
+        "echoplug[]/poll", "echoplug[--log-level warn]/poll"]
+    # One value: today's single echoplug, named plainly.
+    one = bench.parseArgs(["--server-args", "--log-level error", "--load", "twisted"])
+    assert bench.targets(one)[0] == Target("echoplug", "select")
+    assert one.server_args == ["--log-level", "error"]
 
 
 def test_targets_put_echoplug_beside_its_peers() -> None:
@@ -151,6 +195,7 @@ def test_defaults_follow_the_workload() -> None:
     assert churn.server_args == []
 
 
+@pytest.mark.slow
 def test_c_epoll_peer_end_to_end(tmp_path) -> None:
     from echoplug.lab import cbuild
 

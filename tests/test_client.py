@@ -30,6 +30,7 @@ def server(tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_reproduces_the_original_conversation(server) -> None:
     """Two sockets; each message sent on both, then received on both."""
     result = runClient("--port", str(server.port))
@@ -47,6 +48,7 @@ def test_reproduces_the_original_conversation(server) -> None:
     assert [(m[1], m[2], m[3]) for m in parsed] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", REACTORS)
 def test_every_reactor_on_both_sides(tmp_path, reactor: str) -> None:
     with twistd(reactor, cwd=tmp_path) as s:
@@ -56,6 +58,7 @@ def test_every_reactor_on_both_sides(tmp_path, reactor: str) -> None:
     assert result.stdout.count("received") == 10
 
 
+@pytest.mark.slow
 def test_console_script_is_installed(server) -> None:
     exe = __import__("shutil").which("echoplug-client") or str(
         __import__("pathlib").Path(sys.executable).with_name("echoplug-client"))
@@ -105,6 +108,7 @@ def fakeServer(reply: bytes | None) -> tuple[int, threading.Thread]:
     return listener.getsockname()[1], t
 
 
+@pytest.mark.slow
 def test_mismatch_is_reported() -> None:
     port, t = fakeServer(b"THIS IS NOT THE MESSAGE")
     result = runClient("--port", str(port), "--connections", "1", "--message", "the message")
@@ -112,6 +116,7 @@ def test_mismatch_is_reported() -> None:
     oneLineError(result, "echo mismatch")
 
 
+@pytest.mark.slow
 def test_server_hangs_up_early() -> None:
     port, t = fakeServer(b"half")
     result = runClient("--port", str(port), "--connections", "1", "--message", "whole message")

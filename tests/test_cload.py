@@ -1,6 +1,6 @@
 """
 The lab's C load client (echoplug/lab/cload.c, built by echoplug.lab.cbuild):
-built once and cached, the same protocol as echoplug.load, and every byte
+built once and cached, the same protocol as echoplug.lab.load, and every byte
 checked, against real servers on loopback.
 """
 
@@ -74,6 +74,7 @@ def test_an_edited_source_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in second.parent.iterdir()) == sorted([first.name, second.name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", ["epoll", "select"])
 def test_load_against_echoplug(cload: Path, tmp_path: Path, reactor: str) -> None:
     with twistd(reactor, "--log-level", "warn", cwd=tmp_path) as server:
@@ -87,6 +88,7 @@ def test_load_against_echoplug(cload: Path, tmp_path: Path, reactor: str) -> Non
     assert 0 < result["seconds"] < 5
 
 
+@pytest.mark.slow
 def test_churn_against_echoplug(cload: Path, tmp_path: Path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         rc, result, _ = run(cload, "--port", str(server.port), "--workload", "churn",
@@ -121,7 +123,7 @@ def readAndClose(conn: socket.socket) -> None:
         conn.recv(64)
 
 
-# The misbehaving servers that echoplug.load must catch, and a churned
+# The misbehaving servers that echoplug.lab.load must catch, and a churned
 # connection closed unanswered (churn sends one message: nothing to replay).
 @pytest.mark.parametrize(("workload", "handle", "why"), [
     ("load", flipLastByte, "echo mismatch"),
@@ -139,7 +141,7 @@ def test_a_wrong_echo_fails_the_run(cload: Path, workload: str, handle, why: str
 
 
 def test_same_json_as_the_python_client(cload: Path) -> None:
-    """A plain loopback echo: the keys of echoplug.load, every round trip counted."""
+    """A plain loopback echo: the keys of echoplug.lab.load, every round trip counted."""
     with misbehaving(plainEcho) as port:
         rc, result, err = run(cload, "--port", str(port), "--connections", "4",
                               "--size", "700", "--duration", "0.3", "--warmup", "0.1",
@@ -153,6 +155,7 @@ def test_same_json_as_the_python_client(cload: Path) -> None:
     assert 0.3 <= result["seconds"] < 5
 
 
+@pytest.mark.slow
 def test_sync_protocol(cload: Path, tmp_path: Path) -> None:
     """ready, then go, then one JSON line; the sockets stay open until quit."""
     with twistd(None, cwd=tmp_path) as server:

@@ -67,6 +67,7 @@ def unitSettings(name: str) -> dict[str, list[str]]:
     return settings
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_units_verify_without_warnings(tmp_path) -> None:
     copies = installUnits(tmp_path)
@@ -77,6 +78,7 @@ def test_units_verify_without_warnings(tmp_path) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_verify_catches_a_typo(tmp_path) -> None:
     """The check above can fail: a misspelt key is a warning on stderr."""
@@ -88,6 +90,7 @@ def test_verify_catches_a_typo(tmp_path) -> None:
     assert "NoNewPrivilege" in result.stderr
 
 
+@pytest.mark.slow
 @needsAnalyze
 def test_security_exposure_is_low(tmp_path) -> None:
     service = installUnits(tmp_path)[1]
@@ -146,6 +149,7 @@ def activate(tmp_path: Path, port: int, endpoint: str, env: dict[str, str]):
     return startProcess(argv, tmp_path, testEnv(env))
 
 
+@pytest.mark.slow
 @needsActivate
 @pytest.mark.parametrize("endpoint", [
     "systemd:domain=INET:name=echoplug",
@@ -173,6 +177,7 @@ def test_socket_activation_echoes(tmp_path, endpoint: str) -> None:
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.slow
 @needsActivate
 def test_socket_activation_wrong_name_is_one_line(tmp_path) -> None:
     port = freePort()
@@ -188,6 +193,7 @@ def test_socket_activation_wrong_name_is_one_line(tmp_path) -> None:
     assert "--port systemd:domain=INET:name=other: no such socket was passed" in out
 
 
+@pytest.mark.slow
 def test_under_twist_with_text_logs(tmp_path) -> None:
     """
     C{twist} instead of twistd: it writes JSON when stdout is not a TTY (as
@@ -212,6 +218,7 @@ def test_under_twist_with_text_logs(tmp_path) -> None:
     assert "listening on 127.0.0.1:" in server.output()
 
 
+@pytest.mark.slow
 @needsActivate
 def test_socket_activation_two_addresses_by_index(tmp_path) -> None:
     """

@@ -1,8 +1,8 @@
 """
 Tests of L{echoplug.eager}: the eager write and the immediate close, on real
-loopback and UNIX sockets in-process (pytest-twisted), end to end through
-twistd over UNIX sockets, and the Twisted internals they rely on, pinned so
-that a Twisted upgrade that changes them fails here.
+loopback and UNIX sockets in-process (pytest-twisted), and end to end through
+twistd over UNIX sockets. The Twisted internals they rely on are pinned in
+tests/test__twisted.py.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, tcp, threads, unix
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import defer, protocol, reactor, tcp, threads
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from echoplug.eager import PLAIN, eagerWriter, loseConnection
+from echoplug.eager import eagerWriter, loseConnection
 from tests.support import REACTORS, halfCloseOn, recvAll, twistd
 
 
@@ -86,43 +85,6 @@ def recvUntilClosed(sock: socket.socket) -> bytes:
         return recvAll(sock)
     except ConnectionResetError:
         return b""
-
-
-# The Twisted internals eager.py reads, pinned.
-
-
-def test_pinned_filedescriptor_attributes() -> None:
-    """Each attribute eager.py reads exists, with the default it assumes."""
-    assert FileDescriptor.dataBuffer == b""
-    assert FileDescriptor.disconnecting == 0
-    assert FileDescriptor._writeDisconnecting is False
-    assert FileDescriptor.producerPaused is False
-    assert FileDescriptor.producer is None
-    assert FileDescriptor.connected == 0
-    assert tcp.Connection._aborting is False
-    assert tcp.Server.TLS is False
-    assert FileDescriptor(reactor)._tempDataBuffer == []
-    # unix.Server is tcp.Server's write path plus file-descriptor passing,
-    # which an echo never uses.
-    assert issubclass(unix.Server, tcp.Server)
-    assert PLAIN == (tcp.Server, unix.Server)
-
-
-@pytest_twisted.inlineCallbacks
-def test_pinned_twisted_write_is_deferred():
-    """
-    The premise: FileDescriptor.write only buffers and asks the reactor for
-    writability. If Twisted ever sends at once itself, eager.py is redundant.
-    """
-    pair = yield accepted()
-    try:
-        t = pair.transport
-        t.write(b"later")
-        assert t._tempDataBuffer == [b"later"]
-        assert t in reactor.getWriters()
-        assert (yield threads.deferToThread(recvExactly, pair.client, 5)) == b"later"
-    finally:
-        yield pair.close()
 
 
 # Which transports get the eager path.
@@ -332,6 +294,7 @@ def unixHalfClose(path: str, chunks: list[bytes]) -> bytes:
         return halfCloseOn(s, chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactorName", [r for r in REACTORS if r in ("epoll", "echoplug-epoll")])
 def test_unix_socket_half_close_and_backpressure(tmp_path, reactorName: str) -> None:
     import os

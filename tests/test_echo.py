@@ -55,11 +55,13 @@ def epollServer(tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_startup_line_names_reactor(server) -> None:
     assert f"reactor={server.reactor} (" in server.output()
     assert f"listening on 127.0.0.1:{server.port}" in server.output()
 
 
+@pytest.mark.slow
 def test_many_connections_at_once(server) -> None:
     """50 connections, interleaved random binary writes, each echo checked."""
     rng = random.Random(862)
@@ -91,6 +93,7 @@ def test_many_connections_at_once(server) -> None:
     sel.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunks=st.lists(st.binary(min_size=1, max_size=4096), min_size=1, max_size=30))
@@ -100,6 +103,7 @@ def test_property_byte_exact_any_chunking(epollServer, chunks: list[bytes]) -> N
 
 # Not parametrized: pytest-twisted 1.14 wraps a hypothesis test in place, so a
 # parametrized one is wrapped twice and fails. Each example goes to every reactor.
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(data=st.binary(min_size=1, max_size=300_000), cuts=st.lists(st.integers(0, 300_000)))
 def test_property_every_reactor_every_byte(servers, data: bytes, cuts: list[int]) -> None:
@@ -109,6 +113,7 @@ def test_property_every_reactor_every_byte(servers, data: bytes, cuts: list[int]
         assert echoHalfClose(server.port, chunks) == data, reactor
 
 
+@pytest.mark.slow
 def test_half_close_returns_everything(server) -> None:
     """16 MiB, then SHUT_WR: all 16 MiB come back byte-exact, then EOF."""
     payload = os.urandom(16 * MiB)
@@ -116,6 +121,7 @@ def test_half_close_returns_everything(server) -> None:
     assert echoHalfClose(server.port, chunks, timeout=60) == payload
 
 
+@pytest.mark.slow
 def test_backpressure_bounds_memory(server) -> None:
     """A client that writes and never reads: the server grows by at most 8 MiB."""
     before = rssBytes(server.pid)
@@ -125,6 +131,7 @@ def test_backpressure_bounds_memory(server) -> None:
     assert pushed < 64 * MiB
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", ["epoll"])
 def test_stock_echo_fails_what_echoplug_passes(tmp_path, reactor: str) -> None:
     """

@@ -174,6 +174,7 @@ def clientFrom(host: str, port: int) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_caps_through_twistd(tmp_path) -> None:
     with twistd(None, "--max-connections", "3", "--max-connections-per-peer", "2",
                 "--drain-timeout", "0", cwd=tmp_path) as server:
@@ -193,6 +194,7 @@ def test_caps_through_twistd(tmp_path) -> None:
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.slow
 def test_refusal_flood_logs_few_lines(tmp_path) -> None:
     with twistd(None, "--max-connections", "1", "--drain-timeout", "0",
                 cwd=tmp_path) as server:
@@ -208,6 +210,7 @@ def test_refusal_flood_logs_few_lines(tmp_path) -> None:
     assert "300" in "".join(server.lines) or "299" in "".join(server.lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", REACTORS)
 def test_idle_timeout_closes_idle_and_paused(tmp_path, reactor: str) -> None:
     with twistd(reactor, "--idle-timeout", "0.5", "--drain-timeout", "0",

@@ -1,5 +1,5 @@
 """
-The load client (C{python -m echoplug.load}) against a real C{twistd
+The load client (C{python -m echoplug.lab.load}) against a real C{twistd
 echoplug}, and against small misbehaving servers that it must catch: a
 flipped byte, a stale echo, a cut connection, nothing listening.
 """
@@ -24,7 +24,7 @@ def server(tmp_path_factory):
 
 def load(port: int, *options: str, timeout: float = 30) -> tuple[int, dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "echoplug.load", "--port", str(port), "--duration", "0.3",
+        [sys.executable, "-m", "echoplug.lab.load", "--port", str(port), "--duration", "0.3",
          "--warmup", "0.1", *options],
         capture_output=True, text=True, env=testEnv(), timeout=timeout,
     )
@@ -32,6 +32,7 @@ def load(port: int, *options: str, timeout: float = 30) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_load_counts_and_times_every_round_trip(server) -> None:
     rc, result = load(server.port, "--connections", "3", "--size", "1000")
     assert rc == 0
@@ -43,6 +44,7 @@ def test_load_counts_and_times_every_round_trip(server) -> None:
     assert result["seconds"] >= 0.3
 
 
+@pytest.mark.slow
 def test_churn_counts_connections(server) -> None:
     rc, result = load(server.port, "--workload", "churn", "--connections", "2")
     assert rc == 0, result
@@ -50,9 +52,10 @@ def test_churn_counts_connections(server) -> None:
     assert result["messages"] >= result["inWindow"] > 0
 
 
+@pytest.mark.slow
 def test_sync_waits_for_go_and_holds_the_sockets_until_quit(server) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "echoplug.load", "--sync", "--port", str(server.port),
+        [sys.executable, "-m", "echoplug.lab.load", "--sync", "--port", str(server.port),
          "--connections", "4", "--size", "100000", "--duration", "0.3", "--warmup", "0.1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=testEnv(),
     )

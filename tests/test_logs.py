@@ -82,6 +82,7 @@ def test_text_observer() -> None:
     assert "hidden" not in out.getvalue()
 
 
+@pytest.mark.slow
 def test_access_line_and_debug_open(tmp_path) -> None:
     with twistd(None, "--log-level", "debug", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -92,6 +93,7 @@ def test_access_line_and_debug_open(tmp_path) -> None:
         assert line
 
 
+@pytest.mark.slow
 def test_default_level_hides_debug(tmp_path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -102,6 +104,7 @@ def test_default_level_hides_debug(tmp_path) -> None:
     assert " open 127.0.0.1" not in server.output()
 
 
+@pytest.mark.slow
 def test_warn_level_hides_access_line(tmp_path) -> None:
     with twistd(None, "--log-level", "warn", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -110,6 +113,7 @@ def test_warn_level_hides_access_line(tmp_path) -> None:
     assert "bytes echoed" not in server.output()
 
 
+@pytest.mark.slow
 def test_json_format_through_twistd(tmp_path) -> None:
     with twistd(None, "--log-format", "json", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -125,6 +129,7 @@ def test_json_format_through_twistd(tmp_path) -> None:
     assert closes[0]["namespace"].startswith("echoplug")
 
 
+@pytest.mark.slow
 def test_trace_logs_like_the_original(tmp_path) -> None:
     with twistd(None, "--trace", cwd=tmp_path) as server:
         with connect(server.port) as s:
@@ -178,16 +183,6 @@ def test_log_line_event_is_logger_info_event(format: str, fields: dict[str, obje
         assert outs[0].getvalue() == outs[1].getvalue()
     # Twisted's JSON round trip (jsonFileLogObserver) keeps the text too.
     assert formatEvent(eventFromJSON(eventAsJSON(fast))) == formatEvent(stock)
-
-
-def test_pinned_twisted_formats_from_log_flattened() -> None:
-    """
-    The saving rests on formatEvent using log_flattened when present, with
-    Twisted's key names: prove it reads the pre-rendered text, not the fields.
-    """
-    _, fast = both(*LINES[0])
-    fast["peer"] = "someone else"
-    assert formatEvent(fast).startswith("close [::1]:5 after 0.012s, 1000000000000 bytes")
 
 
 def test_log_line_rejects_what_it_cannot_prerender() -> None:
@@ -245,19 +240,6 @@ def test_classic_text_matches_twistd_for_other_events() -> None:
         assert ClassicText()(event) == stockLine(event)
 
 
-def test_pinned_twistd_log_observer() -> None:
-    """
-    twistdObserver asks twistd's own UnixAppLogger for its observer and
-    takes the file from it: both names must still exist and mean that.
-    """
-    from twisted.scripts._twistd_unix import UnixApplicationRunner, UnixAppLogger
-
-    assert UnixApplicationRunner.loggerFactory is UnixAppLogger
-    stock = UnixAppLogger({"nodaemon": True, "logfile": ""})._getLogObserver()
-    assert isinstance(stock, FileLogObserver)
-    assert stock._outFile is sys.stdout
-
-
 def test_twistd_observer_follows_twistds_choice(tmp_path: Path) -> None:
     stdout = twistdObserver({"nodaemon": True, "logfile": ""})
     assert isinstance(stdout, FileLogObserver) and stdout._outFile is sys.stdout
@@ -277,6 +259,7 @@ def test_twistd_observer_follows_twistds_choice(tmp_path: Path) -> None:
         twistdObserver({"logfile": "-", "nodaemon": False})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], ["--log-level", "debug"], ["--log-format", "json"]])
 def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str]) -> None:
     """twistd -l FILE: the access line (and the rest) land in FILE, not stdout."""

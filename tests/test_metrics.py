@@ -19,7 +19,8 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.task import deferLater
 
-from echoplug.factory import EchoFactory, unsentBytes
+from echoplug._twisted import unsentBytes
+from echoplug.factory import EchoFactory
 from tests.support import REACTORS, connect, recvAll, testEnv, twistd
 
 METRICS_LINE = r"serving metrics on 127\.0\.0\.1:(?P<port>\d+) at /metrics"
@@ -51,6 +52,7 @@ def delta(after: dict[str, float], before: dict[str, float], name: str) -> float
     return after[name] - before[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactor", REACTORS)
 def test_counters_rise_by_what_was_echoed(tmp_path, reactor: str) -> None:
     size = 3 * 1024 * 1024 + 17
@@ -89,6 +91,7 @@ def test_counters_rise_by_what_was_echoed(tmp_path, reactor: str) -> None:
     assert after.get("process_resident_memory_bytes", 0) > 0
 
 
+@pytest.mark.slow
 def test_reactor_info_and_root_page(tmp_path) -> None:
     with twistd("poll", "--metrics", "tcp:0:interface=127.0.0.1", cwd=tmp_path) as server:
         mport = int(server.waitFor(METRICS_LINE)["port"])
@@ -140,6 +143,7 @@ def test_sent_excludes_what_an_abort_dropped():
         yield port.stopListening()
 
 
+@pytest.mark.slow
 def test_missing_prometheus_client_is_one_line(tmp_path) -> None:
     # sitecustomize runs first in the child: it makes prometheus_client
     # unimportable, as if the metrics extra were not installed.
@@ -156,6 +160,7 @@ def test_missing_prometheus_client_is_one_line(tmp_path) -> None:
             "pip install 'echoplug[metrics]'") in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, message", [
     ("nope", "--metrics 'nope': not a port number or an endpoint"),
     ("70000", "--metrics 70000: a port number is 0 to 65535"),
@@ -167,6 +172,7 @@ def test_bad_metrics_endpoint_is_one_line(tmp_path, value: str, message: str) ->
     assert message in server.output()
 
 
+@pytest.mark.slow
 def test_metrics_port_in_use_is_one_line(tmp_path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -197,6 +203,7 @@ def test_prometheus_client_is_imported_only_for_metrics() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_refused_connections_are_counted(tmp_path) -> None:
     with twistd(None, "--max-connections", "1", "--metrics", "tcp:0:interface=127.0.0.1",
                 cwd=tmp_path) as server:

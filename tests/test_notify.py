@@ -90,6 +90,7 @@ def listens(port: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("abstract", [False, True])
 def test_twistd_ready_watchdog_status_stopping(tmp_path, abstract: bool) -> None:
     """
@@ -122,6 +123,7 @@ def test_twistd_ready_watchdog_status_stopping(tmp_path, abstract: bool) -> None
         receiver.close()
 
 
+@pytest.mark.slow
 def test_no_ready_when_a_port_fails(tmp_path) -> None:
     receiver = NotifyReceiver(str(tmp_path / "notify"))
     try:
@@ -138,6 +140,7 @@ def test_no_ready_when_a_port_fails(tmp_path) -> None:
         receiver.close()
 
 
+@pytest.mark.slow
 def test_watchdog_pid_of_another_process(tmp_path) -> None:
     """WATCHDOG_PID names another process: READY=1 but never WATCHDOG=1."""
     receiver = NotifyReceiver(str(tmp_path / "notify"))
@@ -157,6 +160,7 @@ def test_watchdog_pid_of_another_process(tmp_path) -> None:
         receiver.close()
 
 
+@pytest.mark.slow
 def test_bad_notify_socket_is_one_line(tmp_path) -> None:
     with twistd(None, cwd=tmp_path, env={"NOTIFY_SOCKET": "not/absolute"},
                 wait=False) as server:
@@ -166,6 +170,7 @@ def test_bad_notify_socket_is_one_line(tmp_path) -> None:
     assert "echoplug: NOTIFY_SOCKET='not/absolute' is neither an absolute path" in out
 
 
+@pytest.mark.slow
 def test_stopping_is_sent_when_the_drain_begins(tmp_path) -> None:
     """
     STOPPING=1 comes as shutdown begins, not when it ends: a connection

@@ -17,6 +17,7 @@ import pytest
 from tests.support import ROOT, twistdCommand
 
 
+@pytest.mark.slow
 def test_wheel_contents(tmp_path) -> None:
     pytest.importorskip("hatchling")
     # A dropin.cache in the tree (twistd writes one) must not reach the wheel.
@@ -45,6 +46,7 @@ def test_wheel_contents(tmp_path) -> None:
     assert "twisted/plugins/__init__.py" not in names
 
 
+@pytest.mark.slow
 def test_installed_plugin_found_from_any_directory(tmp_path) -> None:
     """With no PYTHONPATH and a foreign cwd, twistd still lists echoplug."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

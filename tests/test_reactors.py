@@ -1,15 +1,13 @@
 """
 Tests of L{echoplug.reactors}: the lean reactors are found by twistd, dispatch
 like Twisted's (a failing connection is logged and dropped, the others go
-on), and the Twisted code they copy or rely on is pinned, so that an upgrade
-that changes it fails here. Echo behaviour on each lean reactor is covered by
-every per-reactor test (tests.support.REACTORS).
+on); the Twisted code they copy or rely on is pinned in tests/test__twisted.py.
+Echo behaviour on each lean reactor is covered by every per-reactor test
+(tests.support.REACTORS).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import socket
 import subprocess
 import sys
@@ -35,27 +33,6 @@ LEAN = {
     "echoplug-select": (LeanSelectReactor, selectreactor.SelectReactor, "doSelect"),
 }
 
-# sha256 (first 16 hex digits) of the source of each Twisted method the lean
-# reactors replace, as of Twisted 26.10.0. If one changes, re-read it, carry
-# the change into echoplug/reactors/, and update the digest here.
-PINNED = {
-    "EPollReactor.doPoll": "09b62ae68ef01b4b",
-    "PollReactor.doPoll": "55eb90313d87326e",
-    "SelectReactor.doSelect": "b87499d26f45e710",
-}
-
-
-@pytest.mark.parametrize("name", LEAN)
-def test_replaced_twisted_method_is_unchanged(name: str) -> None:
-    _, stock, method = LEAN[name]
-    source = inspect.getsource(getattr(stock, method))
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert digest == PINNED[f"{stock.__name__}.{method}"], (
-        f"Twisted's {stock.__name__}.{method} changed: review echoplug.reactors")
-    # What the lean copy leaves out, and only that, is the log context.
-    assert "callWithLogger" in source or "_logrun" in source
-
-
 @pytest.fixture(params=list(LEAN))
 def lean(request) -> Iterator[Any]:
     cls = LEAN[request.param][0]
@@ -67,22 +44,6 @@ def lean(request) -> Iterator[Any]:
     poller = getattr(reactor, "_poller", None)
     if hasattr(poller, "close"):
         poller.close()
-
-
-def test_pinned_reactor_internals(lean) -> None:
-    """The private names the lean reactors use exist on Twisted's reactors."""
-    method = "doSelect" if isinstance(lean, selectreactor.SelectReactor) else "doPoll"
-    # doIteration is bound in the class body of Twisted's reactors: the
-    # subclass must rebind it, or the stock method keeps running.
-    assert type(lean).doIteration is getattr(type(lean), method)
-    assert type(lean).__dict__[method] is not getattr(type(lean).__mro__[1], method)
-    assert callable(lean._doReadOrWrite)
-    if isinstance(lean, selectreactor.SelectReactor):
-        assert isinstance(lean._reads, set) and isinstance(lean._writes, set)
-        assert callable(selectreactor._select) and callable(lean._preenDescriptors)
-    else:
-        assert isinstance(lean._selectables, dict)
-        assert hasattr(lean._poller, "poll")
 
 
 class Conn(FileDescriptor):
@@ -174,6 +135,7 @@ def test_clean_eof_is_connection_done(lean) -> None:
         a.close()
 
 
+@pytest.mark.slow
 def test_twistd_lists_the_lean_reactors(tmp_path) -> None:
     result = subprocess.run([*twistdCommand(), "--help-reactors"], capture_output=True,
                             text=True, cwd=tmp_path, env=testEnv(), timeout=60)
@@ -188,6 +150,7 @@ def test_reactor_name_of_lean_reactors(name: str) -> None:
     assert reactorName(LEAN[name][0]()) == name
 
 
+@pytest.mark.slow
 def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
     with twistd("echoplug-epoll", cwd=tmp_path) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
@@ -198,6 +161,7 @@ def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
         assert m[1] == "echoplug.factory.EchoFactory#info"
 
 
+@pytest.mark.slow
 def test_in_process_tests_run_on_a_lean_reactor(tmp_path) -> None:
     """ECHOPLUG_TEST_REACTOR (tests/conftest.py) runs pytest-twisted tests on it."""
     from tests.support import ROOT

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from echoplug.lab import report
 from echoplug.lab.runner import CAPPED, Row
 
@@ -70,8 +72,22 @@ def test_churn_is_per_connection() -> None:
     assert "CPU µs/conn" in text and "conn/s" in text
 
 
+@pytest.mark.slow
 def test_plots_are_pngs(tmp_path) -> None:
     made = report.plot(rows(), tmp_path)
     assert sorted(p.name for p in made) == ["cpu_vs_idle.png", "latency_vs_connections.png"]
     for path in made:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_from_a_results_csv(tmp_path) -> None:
+    """The summary plot is drawn from results.csv as read back, variants and peers included."""
+    made = [
+        *rows(),
+        Row("echoplug[--log-level warn]", "poll", "load", 10, 0, 64, 9500.0, 17.0, 280.0,
+            800.0, 1200.0, 3),
+        Row("wire-echo", "poll", "load", 10, 0, 64, 8000.0, 30.0, 350.0, 950.0, 1400.0, 3)]
+    report.writeCsv(made, tmp_path / "results.csv")
+    back = report.readCsv(tmp_path / "results.csv")
+    assert report.summaryPlot(back, tmp_path) == tmp_path / "summary.png"
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"

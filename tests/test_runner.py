@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from echoplug.lab import runner, servers
+from echoplug.lab import procs, runner, servers
 from echoplug.lab.runner import CAPPED, Point, Row, Sample, Settings, Target
 
 
@@ -56,6 +56,7 @@ def test_select_is_capped_near_fd_setsize(target, idle, active, capped) -> None:
     assert runner.isCapped(target, Point("load", active, idle, 64)) is capped
 
 
+@pytest.mark.slow
 def test_idle_connections_are_accepted_and_held(tmp_path) -> None:
     server = servers.start("echoplug", "poll", tmp_path)
     try:
@@ -70,6 +71,7 @@ def test_idle_connections_are_accepted_and_held(tmp_path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_point_that_cannot_run_is_a_row_not_a_crash(tmp_path) -> None:
     """select past 960 connections is capped; a reactor that fails is an error row."""
     targets = [Target("echoplug", "select"), Target("echoplug", "kqueue")]
@@ -117,6 +119,7 @@ def blockingLoad(socks: list[socket.socket], seconds: float) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_the_lab_agrees_with_a_blocking_socket_client(tmp_path) -> None:
     """
     Same server, same point (10 connections, 64 B, no idle), measured in
@@ -146,7 +149,7 @@ def test_the_lab_agrees_with_a_blocking_socket_client(tmp_path) -> None:
         runner.closeAll(socks)
         server.stop()
     labUs = lab[0] * 1e6 / lab[1]
-    independentUs = independent[0] * 1e6 / servers.TICKS / independent[1]
+    independentUs = independent[0] * 1e6 / procs.TICKS / independent[1]
     assert labUs == pytest.approx(independentUs, rel=0.4), (labUs, independentUs)
 
 

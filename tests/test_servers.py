@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from echoplug.lab import cbuild, servers
+from echoplug.lab import cbuild, procs, servers
 from echoplug.lab.servers import ServerError
 from tests.support import echoHalfClose, pushWithoutReading, rssBytes
 
@@ -30,6 +30,7 @@ def echoOnce(port: int, data: bytes) -> bytes:
     return bytes(got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "reactor"), [
     ("echoplug", "poll"),
     ("wire-echo", "select"),
@@ -53,6 +54,7 @@ def test_each_kind_starts_echoes_and_bills_cpu(kind, reactor, tmp_path) -> None:
     assert not server.alive()
 
 
+@pytest.mark.slow
 def test_the_reactor_is_passed_to_twistd(tmp_path) -> None:
     server = servers.start("echoplug", "select", tmp_path, ["--log-level", "info"])
     try:
@@ -73,6 +75,7 @@ def test_wire_echo_is_the_stock_protocol(monkeypatch) -> None:
     assert tac["factory"].protocol is Echo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "reactor", "args", "why"), [
     ("echoplug", "kqueue", [], "reactor cannot be used"),
     ("wire-echo", "nosuch", [], "reactor"),
@@ -95,6 +98,7 @@ def test_labels() -> None:
     assert servers.label("asyncio", "stdlib") == "asyncio (stdlib)"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_CC, reason="no cc")
 def test_c_epoll_peer_is_a_correct_echo(tmp_path) -> None:
     """
@@ -120,6 +124,6 @@ def test_uvloop_missing_is_one_line() -> None:
     code = ("import sys; sys.modules['uvloop'] = None; from echoplug.lab.asyncioecho "
             "import main; sys.exit(main(['--uvloop', '0']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=servers.childEnv(), timeout=60)
+                          env=procs.childEnv(), timeout=60)
     assert done.returncode == 1
     assert done.stderr == "asyncio echo: uvloop is not installed (pip install uvloop)\n"

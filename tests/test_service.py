@@ -86,6 +86,7 @@ def test_two_listeners_share_one_factory():
     assert lines.count("listening on {address}, reactor={reactor} ({cls})") == 2
 
 
+@pytest.mark.slow
 def test_port_in_use_is_one_line(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +100,7 @@ def test_port_in_use_is_one_line(tmp_path) -> None:
     assert "Address already in use" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--port"])
 def test_multiple_ports_from_twistd(tmp_path, flag: str) -> None:
     sock = tmp_path / "echo.sock"
@@ -128,6 +130,7 @@ def refusesConnections(port: int, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactorName", REACTORS)
 def test_sigterm_drains_then_exits(tmp_path, reactorName: str) -> None:
     with twistd(reactorName, "--drain-timeout", "2", cwd=tmp_path) as server:
@@ -154,6 +157,7 @@ def test_sigterm_drains_then_exits(tmp_path, reactorName: str) -> None:
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_sigterm_without_connections_exits_at_once(tmp_path) -> None:
     with twistd(None, "--drain-timeout", "60", cwd=tmp_path) as server:
         server.proc.send_signal(signal.SIGTERM)
@@ -161,6 +165,7 @@ def test_sigterm_without_connections_exits_at_once(tmp_path) -> None:
     assert "draining" not in server.output()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("reactorName", "second"),
                          [(r, signal.SIGTERM) for r in REACTORS] + [("epoll", signal.SIGINT)])
 def test_second_signal_ends_the_drain_without_traceback(tmp_path, reactorName: str,
@@ -186,6 +191,7 @@ def raiseNoFile(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+@pytest.mark.slow
 def test_select_wall(tmp_path) -> None:
     """
     1100 clients against -r select: the connections already open keep
@@ -278,6 +284,7 @@ def limitedTwistd(cwd: object, reactorName: str, soft: int, hard: int) -> Server
     return startProcess(argv, cwd)
 
 
+@pytest.mark.slow
 def test_soft_descriptor_limit_is_raised(tmp_path) -> None:
     server = limitedTwistd(tmp_path, "epoll", 48, 4096)
     try:
@@ -291,6 +298,7 @@ def test_soft_descriptor_limit_is_raised(tmp_path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactorName", REACTORS)
 def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
     """
@@ -325,6 +333,7 @@ def test_out_of_descriptors_keeps_serving(tmp_path, reactorName: str) -> None:
     assert "refused" in out and "EMFILE recovery" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reactorName", REACTORS)
 def test_hostile_peers_do_not_disturb_others(tmp_path, reactorName: str) -> None:
     """
@@ -385,6 +394,7 @@ def selfSigned(directory: Path) -> tuple[Path, Path]:
     return key, cert
 
 
+@pytest.mark.slow
 def test_caps_over_tls_close_without_traceback(tmp_path) -> None:
     """TLS wraps the factory: a refusal there must still be a clean close."""
     pytest.importorskip("OpenSSL", reason="the tls extra (pyOpenSSL) is not installed")

@@ -1,5 +1,5 @@
 """
-Tests of L{echoplug.soak}: a short soak of every reactor through the real
+Tests of L{echoplug.lab.soak}: a short soak of every reactor through the real
 command (the long one is run by hand: C{echoplug-soak --seconds 600}).
 """
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from echoplug.soak import REACTORS, Result, main
+from echoplug.lab.soak import REACTORS, Result, main
 from tests.support import testEnv
 
 
@@ -28,10 +28,11 @@ def test_bad_arguments_are_one_line(capsys) -> None:
     assert "--seconds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_short_soak_every_reactor(tmp_path) -> None:
     """About 2 s per reactor: no mismatch, no traceback, RSS flat."""
     result = subprocess.run(
-        [sys.executable, "-m", "echoplug.soak", "--seconds", "2", "--clients", "16",
+        [sys.executable, "-m", "echoplug.lab.soak", "--seconds", "2", "--clients", "16",
          "--max-size", "131072", "--sample", "0.2", "--max-growth-mib", "8"],
         cwd=tmp_path, env=testEnv(), capture_output=True, text=True, timeout=120,
     )

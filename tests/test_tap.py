@@ -78,6 +78,7 @@ def test_limits_parsed() -> None:
         None, None, None, 5.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -109,12 +110,14 @@ def test_twistd_usage_errors(tmp_path, args: list[str]) -> None:
     assert result.stderr.startswith("twistd echoplug: ")
 
 
+@pytest.mark.slow
 def test_twistd_lists_the_plugin(tmp_path) -> None:
     result = subprocess.run([*twistdCommand(), "--help"], cwd=tmp_path, env=testEnv(),
                             capture_output=True, text=True, timeout=30)
     assert "echoplug" in result.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_every_option(tmp_path) -> None:
     result = subprocess.run([*twistdCommand(), "echoplug", "--help"], cwd=tmp_path,
                             env=testEnv(), capture_output=True, text=True, timeout=30)

@@ -388,3 +388,27 @@ def test_socket_activation_and_readiness(tmp_path) -> None:
         receiver.close()
     assert sum("READY=1" in m.splitlines() for m in receiver.messages) == 1
     assert "Traceback" not in server.output()
+
+
+def test_worker_tag_in_text_and_json() -> None:
+    """Every event of a worker carries its number: in the text line's
+    brackets (on ClassicText's fast path, byte for byte Twisted's), and as
+    a JSON field."""
+    import io
+    import json
+
+    from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText
+
+    from echoplug.logs import ClassicText, JSONLinesObserver, LogLine
+    from echoplug.worker import WorkerTag
+
+    events: list[dict] = []
+    out = io.StringIO()
+    json_ = JSONLinesObserver(out)
+    tag = WorkerTag(lambda e: (events.append(e), json_(e)), 3)  # type: ignore[arg-type]
+    LogLine(Logger(namespace="echoplug", observer=tag), LogLevel.info,
+            "close {peer}")(peer="127.0.0.1:5")
+    text = ClassicText()(events[0])
+    assert text == formatEventAsClassicLogText(events[0], formatTime=ClassicText().formatTime)
+    assert "[echoplug#info worker=3] close 127.0.0.1:5" in text
+    assert json.loads(out.getvalue())["worker"] == 3

@@ -9,7 +9,7 @@
  * a core for the same load, so the server, not the client, sets the pace.
  *
  * It speaks exactly the command line and the stdin/stdout protocol of
- * `python -m echoplug.load` (see that module's docstring): the workloads
+ * `python -m echoplug.lab.load` (see that module's docstring): the workloads
  * `load` (each connection keeps one message in flight, every echoed byte
  * checked against what was sent, rotating through 4 seeded payloads so that
  * a stale echo is caught) and `churn` (each loop connects, echoes one
@@ -116,7 +116,7 @@ static void parseArgs(int argc, char **argv) {
 }
 
 /* The server's address; an IPv4 one first, as Twisted's connectTCP (and so
- * echoplug.load) resolves names to IPv4 only. */
+ * echoplug.lab.load) resolves names to IPv4 only. */
 static void resolve(void) {
     struct addrinfo hints = {0}, *res, *a;
     hints.ai_socktype = SOCK_STREAM;

@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_report -*-
 """
 The lab's output: C{results.csv} (one row per server and point), C{results.md}
-(one table per message size, as vmbench reports), and PNG plots.
+(one table per message size, as vmbench reports), and PNG plots: CPU
+against idle connections, latency against active connections, and
+C{summary.png}, the CPU per message of every server at every point.
 
 matplotlib is imported only when plots are drawn, and only the C{bench}
 extra installs it: the sweep itself, the CSV and the tables need nothing
@@ -14,6 +16,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from echoplug.lab.runner import COLUMNS, FD_SETSIZE, SELECT_LIMIT, Row
 from echoplug.lab.servers import label
@@ -34,7 +37,7 @@ def readCsv(path: Path) -> list[Row]:
     rows = []
     with path.open(newline="") as f:
         for record in csv.DictReader(f):
-            values: dict[str, object] = {}
+            values: dict[str, Any] = {}
             for column in COLUMNS:
                 text = record[column]
                 if column in ints:
@@ -43,7 +46,7 @@ def readCsv(path: Path) -> list[Row]:
                     values[column] = text
                 else:
                     values[column] = float(text) if text else math.nan
-            rows.append(Row(**values))  # type: ignore[arg-type]
+            rows.append(Row(**values))
     return rows
 
 
@@ -85,12 +88,18 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
 
 
 def lineStyle(server: str) -> dict[str, object]:
-    return {"echoplug": {"linestyle": "-", "marker": "o"},
-            "wire-echo": {"linestyle": "--", "marker": "s"},
-            "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"},
-            "uvloop": {"linestyle": ":", "marker": "v", "color": "olive"},
-            "c-epoll": {"linestyle": ":", "marker": "x", "color": "black"}}.get(
-                server, {"linestyle": "-.", "marker": "d"})
+    if server.startswith("echoplug["):
+        server = "echoplug"  # a variant of echoplug: the same line, its own colour
+    return STYLES.get(server, {"linestyle": "-.", "marker": "d"})
+
+
+STYLES: dict[str, dict[str, object]] = {
+    "echoplug": {"linestyle": "-", "marker": "o"},
+    "wire-echo": {"linestyle": "--", "marker": "s"},
+    "asyncio": {"linestyle": ":", "marker": "^", "color": "gray"},
+    "uvloop": {"linestyle": ":", "marker": "v", "color": "olive"},
+    "c-epoll": {"linestyle": ":", "marker": "x", "color": "black"},
+}
 
 
 def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
@@ -123,7 +132,97 @@ def plot(rows: Sequence[Row], outDir: Path) -> list[Path]:
     return made
 
 
-def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
+def summaryPlot(rows: Sequence[Row], outDir: Path) -> Path:
+    """
+    Draw C{summary.png} (L{summary}); return its path. Raises
+    C{ImportError} without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = outDir / "summary.png"
+    summary(plt, rows, path)
+    return path
+
+
+#: The standalone peers, drawn as a line across a summary panel.
+PEERS = {"asyncio": ("stdlib asyncio", "tab:green"), "uvloop": ("uvloop", "tab:olive"),
+         "c-epoll": ("C epoll echo", "black")}
+REACTOR_ORDER = ("select", "poll", "epoll", "asyncio", "echoplug-select", "echoplug-poll",
+                 "echoplug-epoll")
+
+
+def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
+    """
+    The summary plot: one panel per point of the sweep (workload, active and
+    idle connections, size), server CPU per message (or connection) as bars
+    per reactor, one bar per Twisted server (echoplug, each of its variants,
+    stock wire.Echo), and the standalone peers as lines across.
+    """
+    ok = [r for r in rows if r.ok]
+    pointsOf = sorted({(r.workload, r.connections, r.idle, r.size) for r in ok})
+    if not pointsOf:
+        pointsOf = sorted({(r.workload, r.connections, r.idle, r.size) for r in rows})[:1]
+    ncols = min(2, max(1, len(pointsOf)))
+    nrows = max(1, math.ceil(len(pointsOf) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows + 0.8),
+                             squeeze=False)
+    servers = sorted({r.server for r in ok if r.server not in PEERS},
+                     key=lambda s: (not s.startswith("echoplug"), s))
+    cycle = ["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:brown", "tab:pink"]
+    colors = {s: ("tab:gray" if s == "wire-echo" else cycle[i % len(cycle)])
+              for i, s in enumerate(servers)}
+    for index, (workload, connections, idle, size) in enumerate(pointsOf):
+        ax = axes[index // ncols][index % ncols]
+        here = {(r.server, r.reactor): r.cpu_us_per_msg for r in ok
+                if (r.workload, r.connections, r.idle, r.size)
+                == (workload, connections, idle, size)}
+        reactors = sorted({reactor for server, reactor in here if server not in PEERS},
+                          key=lambda r: (REACTOR_ORDER.index(r) if r in REACTOR_ORDER
+                                         else len(REACTOR_ORDER), r))
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            xs = [x + (i - (len(servers) - 1) / 2) * width for x in range(len(reactors))]
+            values = [here.get((server, reactor), math.nan) for reactor in reactors]
+            ax.bar(xs, values, width, label=server, color=colors[server])
+            for x, value in zip(xs, values, strict=True):
+                if not math.isnan(value):
+                    ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom",
+                                fontsize=7)
+        for (server, _), value in sorted(here.items()):
+            if server in PEERS:
+                name, color = PEERS[server]
+                ax.axhline(value, color=color, linestyle="--", linewidth=1, label=name)
+        one, _ = units(workload)
+        active = "loops" if workload == "churn" else "active"
+        ax.set_xticks(list(range(len(reactors))))
+        ax.set_xticklabels([r.replace("echoplug-", "echoplug-\n") for r in reactors],
+                           fontsize=8)
+        ax.set_title(f"{workload}: {connections} {active}, {idle} idle, {size} B", fontsize=10)
+        ax.set_ylabel(f"server CPU µs per {one}", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+    for extra in range(len(pointsOf), nrows * ncols):
+        axes[extra // ncols][extra % ncols].set_visible(False)
+    handles, labels = [], []
+    for ax in (a for row in axes for a in row):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))),
+               fontsize=8, frameon=False)
+    fig.suptitle("Server CPU time (utime + stime) per message, median of runs "
+                 "(lower is better)", fontsize=11)
+    rowsOfLegend = math.ceil(len(labels) / 4) if labels else 0
+    fig.tight_layout(rect=(0, 0.03 + 0.04 * rowsOfLegend / nrows, 1, 0.96))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _grid(plt: Any, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
           panel: str, xlabel: str, title: str, logx: bool = False,
           logy: bool = False) -> None:
     """
@@ -133,12 +232,13 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str
     sizes = sorted({r.size for r in rows})
     lines = [(size, column) for size in sizes for column in y]
     panels = sorted({getattr(r, panel) for r in rows})
-    fig, axes = plt.subplots(len(lines), len(panels),  # type: ignore[attr-defined]
+    fig, axes = plt.subplots(len(lines), len(panels),
                              figsize=(4.2 * len(panels) + 1, 3.4 * len(lines) + 0.8),
                              squeeze=False)
     names = sorted({(r.server, r.reactor) for r in rows},
-                   key=lambda sr: (sr[0] != "echoplug", sr[0], sr[1]))
-    colors = {}
+                   key=lambda sr: (not sr[0].startswith("echoplug"), sr[0], sr[1]))
+    variants = sorted({r.server for r in rows if r.server.startswith("echoplug[")})
+    colors: dict[str, str] = {}
     cycle = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
              "tab:pink", "tab:olive", "tab:cyan"]
     for reactor in sorted({r.reactor for r in rows}):
@@ -157,6 +257,8 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str
                 if not ok:
                     continue
                 style = {"color": colors[reactor], **lineStyle(server)}
+                if server in variants:  # the same colour per reactor: tell them apart
+                    style["marker"] = "oP*Dh"[variants.index(server) % 5]
                 ax.plot([getattr(r, x) for r in ok], [getattr(r, column) for r in ok],
                         label=label(server, reactor), **style)
             if cappedSelect and x == "idle":
@@ -190,4 +292,4 @@ def _grid(plt: object, rows: Sequence[Row], path: Path, x: str, y: dict[str, str
     rowsOfLegend = math.ceil(len(labels) / 5) if labels else 0
     fig.tight_layout(rect=(0, 0.04 + 0.03 * rowsOfLegend, 1, 0.96))
     fig.savefig(path, dpi=110)
-    plt.close(fig)  # type: ignore[attr-defined]
+    plt.close(fig)

@@ -5,16 +5,16 @@ and measure each server in turn, several times, interleaved.
 
 What keeps a figure honest here:
 
-  - the load comes from other processes (L{echoplug.load}), never from the
+  - the load comes from other processes (L{echoplug.lab.load}), never from the
     process being measured or from the runner;
   - each load process warms up before the window opens; the runner reads
     the server's CPU time (utime + stime) when it tells them C{go} and again
     once all of them have drained their messages in flight, and divides by
     the messages they completed in between;
-  - within a point the servers take turns (echoplug, then its peers, then
-    the next reactor, and round again C{repeat} times), so that a burst of
-    noise from the rest of the machine lands on all of them, and each
-    figure is the median of its repeats;
+  - within a point the servers take turns (echoplug, or each of its
+    variants, then its peers, then the next reactor, and round again
+    C{repeat} times), so that a burst of noise from the rest of the machine
+    lands on all of them, and each figure is the median of its repeats;
   - idle connections are real: opened by the runner, each one echoed once
     (so the server has accepted and registered it), then held open and
     silent for the whole point;
@@ -33,6 +33,7 @@ import json
 import math
 import queue
 import resource
+import shlex
 import socket
 import statistics
 import subprocess
@@ -44,14 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echoplug.lab import servers
+from echoplug.lab import procs, servers
 from echoplug.lab.servers import Server, ServerError
+from echoplug.service import FD_HEADROOM, FD_SETSIZE, raiseNoFile
 
-FD_SETSIZE = 1024
-# Connections (idle + active) past which select is capped: FD_SETSIZE less
-# 64 descriptors for the process itself (stdio, listening port, log, the
-# reactor's waker), which is also where echoplug caps itself under -r select.
-SELECT_LIMIT = 960
+# Connections (idle + active) past which select is capped: where echoplug
+# caps itself under -r select, FD_SETSIZE less the descriptors it keeps for
+# the process itself (stdio, listening port, log, the reactor's waker).
+SELECT_LIMIT = FD_SETSIZE - FD_HEADROOM
 IDLE_BATCH = 50  # below twistd's listen backlog of 50
 
 
@@ -71,14 +72,29 @@ class Point:
 
 @dataclass(frozen=True)
 class Target:
-    """One server under test: a kind (echoplug or a peer) and a reactor."""
+    """
+    One server under test: a kind (echoplug or a peer) and a reactor, and
+    for one of several variants of echoplug, its server arguments (else the
+    sweep's, L{Settings.serverArgs}).
+    """
 
     kind: str
     reactor: str
+    args: tuple[str, ...] | None = None
+
+    @property
+    def server(self) -> str:
+        """The server column: C{echoplug}, or C{echoplug[ARGS]} for a variant."""
+        if self.args is None:
+            return self.kind
+        return f"{self.kind}[{shlex.join(self.args)}]"
 
     @property
     def name(self) -> str:
-        return servers.label(self.kind, self.reactor)
+        return servers.label(self.server, self.reactor)
+
+    def serverArgs(self, settings: Settings) -> Sequence[str]:
+        return settings.serverArgs if self.args is None else self.args
 
 
 @dataclass
@@ -87,7 +103,7 @@ class Settings:
     warmup: float = 0.5
     repeat: int = 3
     clients: int = 1  # load processes
-    load: str = "twisted"  # the load client: "twisted" (echoplug.load) or "c" (cload.c)
+    load: str = "twisted"  # the load client: "twisted" (echoplug.lab.load) or "c" (cload.c)
     clientReactor: str = "epoll"  # the twisted load client's reactor
     serverArgs: Sequence[str] = ("--log-level", "warn")
     logDir: Path = Path("bench-out/logs")
@@ -152,7 +168,7 @@ def percentile(sorted_: Sequence[int], q: float) -> float:
 
 def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
     """The median of each figure over the repeats."""
-    row = Row(target.kind, target.reactor, point.workload, point.connections, point.idle,
+    row = Row(target.server, target.reactor, point.workload, point.connections, point.idle,
               point.size, runs=len(samples))
     if not samples:
         return row
@@ -176,14 +192,11 @@ CAPPED = (f"capped: select() cannot watch descriptors >= FD_SETSIZE ({FD_SETSIZE
 
 
 def raiseFileLimit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 16)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """
+    Raise the soft RLIMIT_NOFILE as echoplug raises its own (children
+    inherit it); return the soft limit.
+    """
+    return raiseNoFile(None)
 
 
 def openIdle(port: int, count: int, timeout: float = 10.0) -> list[socket.socket]:
@@ -215,7 +228,7 @@ def closeAll(sockets: Iterable[socket.socket]) -> None:
 
 class LoadProcess:
     """
-    One load process, C{python -m echoplug.load --sync} or the C client
+    One load process, C{python -m echoplug.lab.load --sync} or the C client
     (C{cload --sync}, the same protocol), and its output lines.
     """
 
@@ -226,13 +239,13 @@ class LoadProcess:
 
             argv = [str(cbuild.build())]
         else:
-            argv = [sys.executable, "-m", "echoplug.load", "--reactor", settings.clientReactor]
+            argv = [sys.executable, "-m", "echoplug.lab.load", "--reactor", settings.clientReactor]
         argv += ["--sync", "--port", str(port),
                  "--workload", workload, "--connections", str(connections),
                  "--size", str(size), "--duration", repr(settings.duration),
                  "--warmup", repr(settings.warmup), "--seed", str(seed)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=servers.childEnv(),
+                                     stderr=subprocess.PIPE, env=procs.childEnv(),
                                      start_new_session=True)
         self.lines: queue.Queue[bytes] = queue.Queue()
         self.stderr = b""
@@ -406,7 +419,7 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
         spawned = []
         for t in runnable:
             try:
-                s = servers.spawn(t.kind, t.reactor, settings.logDir, settings.serverArgs)
+                s = servers.spawn(t.kind, t.reactor, settings.logDir, t.serverArgs(settings))
             except OSError as e:
                 failures[t] = f"cannot start {t.name}: {e.strerror or e}"
                 continue
@@ -422,7 +435,7 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                 except ServerError:
                     if "in use" not in s.lastWords():
                         raise
-                    s = servers.start(t.kind, t.reactor, settings.logDir, settings.serverArgs,
+                    s = servers.start(t.kind, t.reactor, settings.logDir, t.serverArgs(settings),
                                       settings.timeout)
                     stack.callback(s.stop)
                 running[t] = s

@@ -30,60 +30,28 @@ billed to the server process, in user space and in system calls.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import echoplug
+from echoplug.lab import procs
 
 KINDS = ("echoplug", "wire-echo", "asyncio", "uvloop", "c-epoll")
 STDLIB = "stdlib"  # the reactor column of the asyncio peer: its own event loop
 #: The peers with an event loop of their own, and their reactor column.
 STANDALONE = {"asyncio": STDLIB, "uvloop": "uvloop", "c-epoll": "C"}
-TICKS = os.sysconf("SC_CLK_TCK")
-ROOT = Path(echoplug.__file__).resolve().parent.parent
-
-# twistd from this interpreter, with a predictable pid (no wrapper script).
-TWISTD = [sys.executable, "-c",
-          "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
-
-
 class ServerError(Exception):
     """A server that would not start or died; the message is one line."""
 
 
-def childEnv(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """
-    The environment of every child: the echoplug the lab runs from comes
-    first on C{PYTHONPATH}, so twistd finds the same echoplug (and its
-    dropin) and the load client is the same code.
-    """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpuSeconds(pid: int) -> float:
-    """utime + stime of process C{pid}, in seconds."""
+    """utime + stime of process C{pid}, in seconds (L{procs.cpuSeconds})."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return procs.cpuSeconds(pid)
     except OSError as e:
         raise ServerError(f"cannot read the CPU time of process {pid}: {e.strerror}") from None
-    # The command name (field 2) may hold spaces: split after its ")".
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def label(kind: str, reactor: str) -> str:
@@ -140,11 +108,11 @@ def command(kind: str, reactor: str, port: int,
             serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """The argv and extra environment that start C{kind} on C{port}."""
     if kind == "echoplug":
-        return ([*TWISTD, "-r", reactor, "-n", "--pidfile=", "echoplug",
+        return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
                  "--port", f"tcp:{port}:interface=127.0.0.1", *serverArgs], {})
     if kind == "wire-echo":
         tac = Path(__file__).with_name("wireecho.py")
-        return ([*TWISTD, "-r", reactor, "-n", "--pidfile=", "-y", str(tac)],
+        return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "-y", str(tac)],
                 {"ECHOPLUG_LAB_PORT": str(port)})
     if kind == "asyncio":
         return [sys.executable, "-m", "echoplug.lab.asyncioecho", str(port)], {}
@@ -162,13 +130,13 @@ def command(kind: str, reactor: str, port: int,
 
 def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ()) -> Server:
     """Start a server; do not wait for it (see L{waitReady})."""
-    port = freePort()
+    port = procs.freePort()
     argv, extra = command(kind, reactor, port, list(serverArgs))
     logDir.mkdir(parents=True, exist_ok=True)
     log = logDir / f"{kind}-{reactor}-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=childEnv(extra),
+                                stderr=subprocess.STDOUT, env=procs.childEnv(extra),
                                 start_new_session=True)
     return Server(kind, reactor, port, proc, log, argv)
 
@@ -179,17 +147,13 @@ def waitReady(server: Server, timeout: float = 30.0) -> None:
 
     @raise ServerError: if it exits first or does not answer in time.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise ServerError(f"{server.name} exited with status {server.proc.returncode}: "
-                              f"{server.lastWords() or 'no output'}")
-        try:
-            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise ServerError(f"{server.name} did not listen within {timeout:g}s")
+    try:
+        listening = procs.waitForPort(server.port, timeout, server.alive)
+    except TimeoutError:
+        raise ServerError(f"{server.name} did not listen within {timeout:g}s") from None
+    if not listening:
+        raise ServerError(f"{server.name} exited with status {server.proc.wait()}: "
+                          f"{server.lastWords() or 'no output'}")
 
 
 def start(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),

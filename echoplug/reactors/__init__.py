@@ -24,47 +24,36 @@ Patching Twisted's reactors in place is not an option: these are separate
 classes and nothing changes unless one of them is chosen.
 
 Each subclass replaces one method (C{doPoll} or C{doSelect}) with a copy of
-Twisted's that dispatches with L{dispatch}; tests/test_reactors.py pins the
-source of the methods copied, so a Twisted upgrade that changes them fails
-the tests instead of being silently shadowed.
+Twisted's that dispatches without the log context. The copies read the
+reactors' private names, so they live in L{echoplug._twisted} (with
+tests/test__twisted.py pinning the source of the methods copied, so a Twisted
+upgrade that changes them fails the tests instead of being silently
+shadowed); the classes here only assign them.
+
+L{install} is how echoplug's own commands (C{echoplug-client}, the lab's load
+client) take a C{--reactor} name: the one twistd's C{-r} takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from twisted.python import log
 
+def install(name: str | None, prog: str = "echoplug") -> Any:
+    """
+    Install the reactor named C{name} (as C{twistd -r} would: Twisted's and
+    echoplug's lean ones), or leave the default for C{None}; return the
+    reactor.
 
-def dispatch(reactor: Any, events: Iterable[tuple[int, int]]) -> None:
+    @raise SystemExit: for an unknown name, with one line naming C{prog}.
     """
-    Run C{reactor._doReadOrWrite} for each C{(fd, event)} of a poll, as the
-    stock C{doPoll} does but without C{log.callWithLogger}.
-    """
-    selectables = reactor._selectables
-    doReadOrWrite = reactor._doReadOrWrite
-    for fd, event in events:
+    if name is not None:
+        from twisted.application.reactors import NoSuchReactor, installReactor
+
         try:
-            selectable = selectables[fd]
-        except KeyError:
-            # One selectable's handler disconnected another.
-            continue
-        try:
-            doReadOrWrite(selectable, fd, event)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            failed(selectable)
+            installReactor(name)
+        except NoSuchReactor:
+            raise SystemExit(f"{prog}: no such reactor: {name!r}") from None
+    from twisted.internet import reactor
 
-
-def failed(selectable: Any) -> None:
-    """
-    Log the exception being handled with the selectable's log prefix, as
-    C{log.callWithLogger} would have. Call only from an C{except} block.
-    """
-    try:
-        system = selectable.logPrefix()
-    except BaseException:
-        system = "(buggy logPrefix method)"
-    log.err(system=system)
+    return reactor

@@ -6,31 +6,19 @@ per event (see L{echoplug.reactors}).
 
 from __future__ import annotations
 
-import errno
-
 from twisted.internet import epollreactor
 
-from echoplug.reactors import dispatch
+from echoplug import _twisted
 
 
 class LeanEPollReactor(epollreactor.EPollReactor):
     """
-    L{epollreactor.EPollReactor} whose C{doPoll} dispatches with
-    L{dispatch} instead of C{log.callWithLogger}.
+    L{epollreactor.EPollReactor} whose C{doPoll} dispatches straight to
+    C{_doReadOrWrite} instead of through C{log.callWithLogger}
+    (L{echoplug._twisted.epollDoPoll}).
     """
 
-    def doPoll(self, timeout: float | None) -> None:
-        if timeout is None:
-            timeout = -1  # Wait indefinitely.
-        try:
-            # At most as many events as descriptors, as the stock reactor.
-            events = self._poller.poll(timeout, len(self._selectables))
-        except OSError as err:
-            if err.errno == errno.EINTR:
-                return
-            raise
-        dispatch(self, events)
-
+    doPoll = _twisted.epollDoPoll
     doIteration = doPoll
 
 

@@ -6,30 +6,19 @@ event (see L{echoplug.reactors}).
 
 from __future__ import annotations
 
-import errno
-
 from twisted.internet import pollreactor
 
-from echoplug.reactors import dispatch
+from echoplug import _twisted
 
 
 class LeanPollReactor(pollreactor.PollReactor):
     """
-    L{pollreactor.PollReactor} whose C{doPoll} dispatches with L{dispatch}
-    instead of C{log.callWithLogger}.
+    L{pollreactor.PollReactor} whose C{doPoll} dispatches straight to
+    C{_doReadOrWrite} instead of through C{log.callWithLogger}
+    (L{echoplug._twisted.pollDoPoll}).
     """
 
-    def doPoll(self, timeout: float | None) -> None:
-        if timeout is not None:
-            timeout = int(timeout * 1000)  # poll() takes milliseconds.
-        try:
-            events = self._poller.poll(timeout)
-        except OSError as e:
-            if e.args[0] == errno.EINTR:
-                return
-            raise
-        dispatch(self, events)
-
+    doPoll = _twisted.pollDoPoll
     doIteration = doPoll
 
 

@@ -7,62 +7,19 @@ descriptor at or above FD_SETSIZE (1024).
 
 from __future__ import annotations
 
-from errno import EBADF, EINTR
-
 from twisted.internet import selectreactor
-from twisted.python import log
 
-from echoplug.reactors import failed
+from echoplug import _twisted
 
 
 class LeanSelectReactor(selectreactor.SelectReactor):
     """
-    L{selectreactor.SelectReactor} whose C{doSelect} calls
-    C{_doReadOrWrite} directly instead of through C{log.callWithLogger}.
+    L{selectreactor.SelectReactor} whose C{doSelect} dispatches straight to
+    C{_doReadOrWrite} instead of through C{log.callWithLogger}
+    (L{echoplug._twisted.selectDoSelect}).
     """
 
-    def doSelect(self, timeout: float | None) -> None:
-        # The error handling is Twisted's, line for line.
-        try:
-            r, w, _ = selectreactor._select(self._reads, self._writes, [], timeout)
-        except ValueError:
-            # Possibly a file descriptor has gone negative, or is >= FD_SETSIZE.
-            self._preenDescriptors()
-            return
-        except TypeError:
-            # Something totally invalid was passed.
-            log.err()
-            self._preenDescriptors()
-            return
-        except OSError as se:
-            if se.args[0] in (0, 2):
-                # Windows does this if it got an empty list.
-                if (not self._reads) and (not self._writes):
-                    return
-                raise
-            if se.args[0] == EINTR:
-                return
-            if se.args[0] == EBADF:
-                self._preenDescriptors()
-                return
-            raise
-
-        doReadOrWrite = self._doReadOrWrite
-        for selectables, method, fdset in (
-            (r, "doRead", self._reads),
-            (w, "doWrite", self._writes),
-        ):
-            for selectable in selectables:
-                # Skip one that an earlier handler in this turn removed.
-                if selectable not in fdset:
-                    continue
-                try:
-                    doReadOrWrite(selectable, method)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:
-                    failed(selectable)
-
+    doSelect = _twisted.selectDoSelect
     doIteration = doSelect
 
 

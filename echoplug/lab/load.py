@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_load -*-
 """
 The lab's load generator: a closed-loop Twisted echo client, run as its own
-process (C{python -m echoplug.load}) so that the load never shares a process,
+process (C{python -m echoplug.lab.load}) so that the load never shares a process,
 and so never a core's time slice, with the server it measures.
 
 Two workloads:
@@ -33,12 +33,15 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
+
+from echoplug.eager import eagerWriter
 
 PAYLOADS = 4  # distinct payloads a connection rotates through
 
@@ -70,6 +73,7 @@ class Run:
         self.error: str | None = None
         self.waiting: defer.Deferred[Any] | None = None
         self.drained: defer.Deferred[None] | None = None
+        self.closers: list[Callable[[], None]] = []  # what closes the sockets at the end
 
     def fail(self, why: str) -> None:
         """Stop at once: the step being waited for fails with C{why}."""
@@ -122,24 +126,6 @@ class Run:
             self.drained.callback(None)
 
 
-def sendNow(transport: Any, data: bytes) -> None:
-    """
-    Send C{data} at once if nothing is queued, as asyncio does, and queue
-    only what the socket did not take. C{transport.write} alone would send
-    on the reactor's next turn, after two more C{epoll_ctl} calls: on one
-    connection that makes the client, not the server, set the pace, and an
-    idler server spends more CPU per message (it sleeps and wakes for each).
-    """
-    if transport.dataBuffer or transport._tempDataLen:
-        transport.write(data)
-        return
-    sent = transport.writeSomeData(data)
-    if not isinstance(sent, int):  # the connection is gone: let Twisted report it
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
-
-
 class LoadProtocol(Protocol):
     """
     One connection of the C{load} workload: one message in flight, each echo
@@ -147,6 +133,8 @@ class LoadProtocol(Protocol):
     """
 
     factory: LoadFactory
+    transport: ITCPTransport
+    write: Callable[[bytes], None]
 
     def __init__(self) -> None:
         self.received = bytearray()
@@ -157,6 +145,11 @@ class LoadProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        # Send at once, as asyncio does (echoplug.eager): a write on the
+        # reactor's next turn would let the client, not the server, set the
+        # pace on one connection, and an idler server spends more CPU per
+        # message (it sleeps and wakes for each).
+        self.write = eagerWriter(self.transport)
         self.open = True
         self.factory.connected(self)
 
@@ -168,7 +161,7 @@ class LoadProtocol(Protocol):
         self.expected = run.payloads[self.index]
         run.inFlight += 1
         self.sentAt = time.perf_counter_ns()
-        sendNow(self.transport, self.expected)
+        self.write(self.expected)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.received and data == self.expected:
@@ -208,7 +201,7 @@ class LoadProtocol(Protocol):
         self.open = False
 
 
-class LoadFactory(ClientFactory):
+class LoadFactory(ClientFactory["LoadProtocol"]):
     """Open C{count} connections one after another, then start them all."""
 
     protocol = LoadProtocol
@@ -253,6 +246,7 @@ class ChurnProtocol(Protocol):
     """One connection of the C{churn} workload: connect, echo, close."""
 
     factory: ChurnFactory
+    transport: ITCPTransport
 
     def __init__(self) -> None:
         self.received = bytearray()
@@ -275,7 +269,7 @@ class ChurnProtocol(Protocol):
         self.factory.lost(self)
 
 
-class ChurnFactory(ClientFactory):
+class ChurnFactory(ClientFactory["ChurnProtocol"]):
     """One churn loop: each closed connection starts the next."""
 
     protocol = ChurnProtocol
@@ -344,6 +338,7 @@ def say(control: Control | None, line: str) -> None:
     C{sys.stdout.write} of a long result could fail half-way.
     """
     if control is not None:
+        assert control.transport is not None
         control.transport.write(line.encode() + b"\n")
     else:
         sys.stdout.write(line + "\n")
@@ -384,13 +379,13 @@ async def drive(reactor: Any, options: argparse.Namespace, run: Run,
         "rttUs": [ns // 1000 for ns in run.rttNs],
         "error": None,
     }
-    run.closers = closers  # type: ignore[attr-defined]
+    run.closers = closers
     return result
 
 
 def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m echoplug.load",
+        prog="python -m echoplug.lab.load",
         description="Closed-loop echo load: each connection keeps one message in flight "
         "and checks every byte that comes back. Prints one JSON line.",
     )
@@ -421,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1)  # where a stuck client is: kill -USR1 PID
-    from echoplug.client import installReactor
+    from echoplug.reactors import install
 
-    reactor = installReactor(options.reactor)
+    reactor = install(options.reactor, prog="python -m echoplug.lab.load")
     run = Run(reactor, options)
     outcome: dict[str, Any] = {}
     control: Control | None = None
@@ -448,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Hold the sockets open (and let the transport flush the line)
             # until the runner has read the server's CPU time and says quit.
             await control.words["quit"]
-        for close in getattr(run, "closers", []):
+        for close in run.closers:
             close()
 
     def start(reactor: Any) -> defer.Deferred[None]:

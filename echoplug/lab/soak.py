@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import IO
+
+from echoplug.lab import procs
 
 REACTORS = ("select", "poll", "epoll", "asyncio")
 MiB = 1 << 20
@@ -60,24 +59,11 @@ class Result:
 
 
 def rssOf(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def twistdExecutable() -> str:
-    beside = Path(sys.executable).with_name("twistd")
-    exe = str(beside) if beside.exists() else shutil.which("twistd")
-    if not exe:
-        raise SystemExit("echoplug-soak: twistd is not installed")
-    return exe
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """The server's RSS, or 0 if it has none (it exited meanwhile)."""
+    try:
+        return procs.rssBytes(pid)
+    except (OSError, ValueError):
+        return 0
 
 
 async def client(port: int, rng: random.Random, maxSize: int, until: float,
@@ -151,12 +137,12 @@ def soakOne(reactor: str, seconds: float, clients: int, maxSize: int, sample: fl
             seed: int) -> Result:
     """Start C{twistd -r reactor echoplug}, soak it, stop it."""
     result = Result(reactor)
-    port = freePort()
-    argv = [twistdExecutable(), "-r", reactor, "-n", "--pidfile=", "echoplug",
+    port = procs.freePort()
+    argv = [*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
             "--port", f"tcp:{port}:interface=127.0.0.1", "--log-level", "warn",
             "--drain-timeout", "1"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, env=procs.childEnv(), start_new_session=True)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -167,17 +153,12 @@ def soakOne(reactor: str, seconds: float, clients: int, maxSize: int, sample: fl
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"echoplug-soak: twistd -r {reactor} exited at start-up")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"echoplug-soak: twistd -r {reactor} never listened") from None
-                time.sleep(0.05)
+        try:
+            listening = procs.waitForPort(port, 15, lambda: proc.poll() is None)
+        except TimeoutError:
+            raise SystemExit(f"echoplug-soak: twistd -r {reactor} never listened") from None
+        if not listening:
+            raise SystemExit(f"echoplug-soak: twistd -r {reactor} exited at start-up")
         asyncio.run(drive(port, proc.pid, clients, seconds, maxSize, sample, seed, result))
     finally:
         if proc.poll() is None:
@@ -191,7 +172,7 @@ def soakOne(reactor: str, seconds: float, clients: int, maxSize: int, sample: fl
     return result
 
 
-def report(results: list[Result], out: object = sys.stdout) -> None:
+def report(results: list[Result], out: IO[str] = sys.stdout) -> None:
     print(f"{'reactor':8} {'secs':>5} {'conns':>7} {'halfcl':>6} {'MiB':>8} {'mismatch':>8} "
           f"{'errors':>6} {'tb':>3} {'RSS MiB first/max/last':>23} {'growth':>7}", file=out)
     for r in results:

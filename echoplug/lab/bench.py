@@ -7,7 +7,7 @@ in one command, and get a table and a picture.
         --idle 0,100,1000 --size 64 --peer wire-echo --peer asyncio --out bench-out
 
 The pieces (servers, load client, runner, report) live in L{echoplug.lab} and
-L{echoplug.load}; this module is the command line. A mistake in the options
+L{echoplug.lab.load}; this module is the command line. A mistake in the options
 is one line on stderr and exit status 2; the sweep itself never dies of one
 point: a point that cannot run is a "capped" or "error: ..." row.
 """
@@ -18,7 +18,7 @@ import argparse
 import importlib.util
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def intList(minimum: int) -> object:
+def intList(minimum: int) -> Callable[[str], list[int]]:
     def parse(text: str) -> list[int]:
         values = []
         for part in text.split(","):
@@ -122,15 +122,17 @@ def parser() -> Parser:
                    "cc); repeatable")
     p.add_argument("--no-echoplug", action="store_true",
                    help="measure the peers only")
-    p.add_argument("--server-args", default=SERVER_ARGS,
+    p.add_argument("--server-args", action="append", default=None,
                    help=f"extra options for twistd echoplug, as one string [{SERVER_ARGS!r}]; "
-                   "'' for echoplug's defaults (an access-log line per connection)")
+                   "'' for echoplug's defaults (an access-log line per connection). "
+                   "Repeatable: each value is a variant of echoplug, measured in turns with "
+                   "the others at every point and named echoplug[ARGS] in the results")
     p.add_argument("--clients", type=count, default=None,
                    help="load-client processes sharing the connections [1; churn: 4]")
     p.add_argument("--load", choices=["c", "twisted"], default=None,
                    help="the load client: c (a small epoll client in C, built with cc on "
                    "first use; fast enough to keep the server busy) or twisted "
-                   "(echoplug.load, in Python) [c when a C compiler is found]")
+                   "(echoplug.lab.load, in Python) [c when a C compiler is found]")
     p.add_argument("--client-reactor", default="epoll",
                    help="the twisted load client's reactor [epoll]")
     p.add_argument("--out", type=Path, default=Path("bench-out"),
@@ -149,7 +151,7 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = DEFAULTS[options.workload]
     for name in ("connections", "idle", "size"):
         if getattr(options, name) is None:
-            setattr(options, name, intList(0)(defaults[name]))
+            setattr(options, name, intList(0)(str(defaults[name])))
     if options.clients is None:
         options.clients = defaults["clients"]
     known = knownReactors()
@@ -157,9 +159,12 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in known:
             p.error(f"no such reactor: {name!r} (this machine has {', '.join(known)})")
     try:
-        options.server_args = shlex.split(options.server_args)
+        variants = [shlex.split(a) for a in options.server_args or [SERVER_ARGS]]
     except ValueError as e:
         p.error(f"--server-args: {e}")
+    # Each variant once, in the order given; the first is the sweep's own.
+    options.variants = [list(v) for v in dict.fromkeys(tuple(v) for v in variants)]
+    options.server_args = options.variants[0]
     options.peer = list(dict.fromkeys(options.peer))
     if options.load is None:
         options.load = "c" if cbuild.compiler() is not None else "twisted"
@@ -180,10 +185,18 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def targets(options: argparse.Namespace) -> list[Target]:
-    """echoplug and the Twisted peers per reactor; the standalone peers once."""
-    kinds = ([] if options.no_echoplug else ["echoplug"]) + [
-        k for k in options.peer if k not in STANDALONE]
-    found = [Target(kind, reactor) for reactor in options.reactors for kind in kinds]
+    """
+    echoplug (each of its variants, if several C{--server-args} were given)
+    and the Twisted peers per reactor; the standalone peers once.
+    """
+    variants: list[tuple[str, ...] | None] = [None]
+    if len(options.variants) > 1:
+        variants = [tuple(v) for v in options.variants]
+    found = []
+    for reactor in options.reactors:
+        if not options.no_echoplug:
+            found += [Target("echoplug", reactor, v) for v in variants]
+        found += [Target(k, reactor) for k in options.peer if k not in STANDALONE]
     found += [Target(k, STANDALONE[k]) for k in options.peer if k in STANDALONE]
     return found
 
@@ -212,7 +225,7 @@ def replot(out: Path) -> int:
 
 def writePlots(rows: list[runner.Row], out: Path) -> None:
     try:
-        made = report.plot(rows, out)
+        made = [*report.plot(rows, out), report.summaryPlot(rows, out)]
     except ImportError:
         print("echoplug-bench: matplotlib is not installed (pip install "
               "'echoplug[bench]'), so no plots", file=sys.stderr)
@@ -255,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Which client made the figures matters (a slow one idles the server):
     # say it up front; command.txt and results.md record it too.
     client = (f"c ({cbuild.build()})" if options.load == "c" else
-              f"twisted (python -m echoplug.load, reactor {options.client_reactor})")
+              f"twisted (python -m echoplug.lab.load, reactor {options.client_reactor})")
     print(f"echoplug-bench: load client {client}", file=sys.stderr)
     progress.draw()
     try:
