@@ -386,3 +386,33 @@ def stopWithoutShutdown(port: Any) -> Any:
     """
     port._shouldShutdown = False
     return port.stopListening()
+
+
+def exclusiveWakeup(reactor: Any, port: Any) -> bool:
+    """
+    Re-register a listening port that the epoll reactor reads with
+    C{EPOLLEXCLUSIVE}, so that a new connection wakes one of the workers
+    waiting on the shared socket instead of every one (the others would find
+    nothing to accept: a wasted wake-up and C{accept()} per worker per
+    connection). Reads C{EPollReactor._poller} and C{_reads}. Call it again
+    after each C{startReading()}: the reactor registers without the flag.
+
+    @return: C{False} where it does not apply (poll, select, asyncio's own
+        selector, an older kernel): every worker is woken, as before.
+    """
+    import select
+
+    poller = getattr(reactor, "_poller", None)
+    flag = getattr(select, "EPOLLEXCLUSIVE", None)
+    if flag is None or not isinstance(poller, select.epoll):
+        return False
+    fd = port.fileno()
+    if fd not in reactor._reads:
+        return False
+    poller.unregister(fd)
+    try:
+        poller.register(fd, select.EPOLLIN | flag)
+    except OSError:
+        poller.register(fd, select.EPOLLIN)  # a kernel without it (before 4.5)
+        return False
+    return True

@@ -27,7 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: The values in each slot, in order. C{pid} is non-zero while the slot's
@@ -165,6 +165,8 @@ class FairShare:
     reading its listening ports until the others catch up. One with no more
     than the mean always reads, so some worker is always accepting and a
     connection waits, at worst, in the kernel's backlog; it is never refused.
+    C{rearm} is called on each port it resumes (the worker passes
+    L{echoplug._twisted.exclusiveWakeup}).
 
     @ivar ports: the listening ports to pause and resume.
     """
@@ -174,10 +176,12 @@ class FairShare:
     #: Seconds between checks while paused, for the others to catch up.
     interval = 0.02
 
-    def __init__(self, books: Books, slot: int, reactor: Any) -> None:
+    def __init__(self, books: Books, slot: int, reactor: Any,
+                 rearm: Callable[[Any], object] = lambda port: None) -> None:
         self.books = books
         self.slot = slot
         self.reactor = reactor
+        self.rearm = rearm
         self.ports: list[Any] = []
         self.paused = False
         self._timer: Any = None
@@ -200,6 +204,7 @@ class FairShare:
             self.paused = False
             for port in self.ports:
                 port.startReading()
+                self.rearm(port)
         if self.paused and self._timer is None:
             self._timer = self.reactor.callLater(self.interval, self._recheck)
 

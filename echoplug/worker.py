@@ -62,6 +62,8 @@ FIRST_PORT = 5
 #: --metrics (open connections' bytes are a sum over them: not per event).
 SNAPSHOT_INTERVAL = 1.0
 PR_SET_PDEATHSIG = 1
+#: Seconds between EOF on the lifeline and stopping, if nothing else has.
+LIFELINE_GRACE = 0.2
 
 
 class WorkerFactory(EchoFactory):
@@ -157,6 +159,8 @@ class AdoptedListener(Listener):
             port = reactor.adoptStreamPort(self.fd, family, factory)
         # The port holds its own duplicate of the descriptor.
         os.close(self.fd)
+        # Under epoll, one worker woken per connection, not all of them.
+        _twisted.exclusiveWakeup(reactor, port)
         self.fairShare.ports.append(port)
         self._listening(port)
 
@@ -182,6 +186,14 @@ class Lifeline(Protocol):
             transport.write(b"listening\n")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        from twisted.internet import reactor
+
+        # On Linux the parent's death also sends SIGTERM (dieWithParent),
+        # and its stop is already on its way: give it a moment, so that the
+        # reactor is not stopped twice (a traceback).
+        reactor.callLater(LIFELINE_GRACE, self._stop)
+
+    def _stop(self) -> None:
         from twisted.internet import reactor as installed
 
         reactor: Any = installed
@@ -204,7 +216,9 @@ class WorkerService(EchoService):
         self.parentPid = parentPid
         self.books = factory.books
         self.workerFactory = factory
-        self.fairShare = FairShare(factory.books, factory.slot, self.reactor)
+        reactor = self.reactor
+        self.fairShare = FairShare(factory.books, factory.slot, reactor,
+                                   lambda port: _twisted.exclusiveWakeup(reactor, port))
         factory.fairShare = self.fairShare
         self.snapshots = snapshots
         self._snapshotter: Any = None

@@ -221,3 +221,13 @@ def test_unix_port_unlinks_and_chmods_its_path() -> None:
     start = inspect.getsource(unix.Port.startListening)
     assert "os.chmod(self._bindPath, self.mode)" in start
     assert "skt.listen(self.backlog)" in start
+
+
+def test_epoll_reactor_reads_through_its_poller() -> None:
+    """exclusiveWakeup re-registers in the epoll reactor's own poller, which
+    tracks readers by descriptor in _reads."""
+    source = inspect.getsource(epollreactor.EPollReactor._add)
+    assert "self._poller.register(fd, flags)" in source
+    assert "primary.add(fd)" in source
+    assert "reader, self._reads, self._writes, self._selectables, EPOLLIN, EPOLLOUT" in (
+        inspect.getsource(epollreactor.EPollReactor.addReader))

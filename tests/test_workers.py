@@ -299,6 +299,7 @@ def test_parent_killed_leaves_no_orphans(tmp_path) -> None:
         server.proc.wait()
         held.close()
         waitUntil(lambda: not any(alive(p) for p in pids), 8, f"workers {pids} gone")
+    assert "Traceback" not in server.output()
 
 
 @pytest.mark.slow
@@ -314,6 +315,39 @@ def test_every_reactor(tmp_path, reactor: str) -> None:
                 assert s.recv(4) == b"ping"
         assert server.stop() in (0, -signal.SIGTERM)
     assert "Traceback" not in server.output()
+
+
+EPOLLEXCLUSIVE = 1 << 28
+
+
+def epollFlags(pid: int) -> list[int]:
+    """The event masks of every descriptor in the epoll sets of process C{pid}."""
+    masks = []
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            for line in info.read_text().splitlines():
+                if line.startswith("tfd:"):
+                    masks.append(int(line.split("events:")[1].split()[0], 16))
+    return masks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reactor", ["epoll", "echoplug-epoll"])
+def test_epoll_workers_wake_one_at_a_time(tmp_path, reactor: str) -> None:
+    """Under epoll each worker waits on the shared socket with EPOLLEXCLUSIVE,
+    also after the fair share paused and resumed it."""
+    with workers(tmp_path, reactor=reactor) as server:
+        for pid in workerPids(server).values():
+            assert any(m & EPOLLEXCLUSIVE for m in epollFlags(pid)), epollFlags(pid)
+        held = [connect(server.port) for _ in range(40)]
+        for s in held:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        for pid in workerPids(server).values():
+            assert sum(bool(m & EPOLLEXCLUSIVE) for m in epollFlags(pid)) == 1
 
 
 @pytest.mark.slow
