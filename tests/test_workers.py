@@ -411,8 +411,9 @@ def test_socket_activation_and_readiness(tmp_path) -> None:
         server.waitFor(rf"Listening on 127\.0\.0\.1:{port}")
         assert echoHalfClose(port, [b"activated"]) == b"activated"
         ready = receiver.waitFor("READY=1", timeout=30)
-        assert "all 2 workers listening" in server.output()
+        # Sent once both workers accept: the status says so.
         assert "STATUS=workers: 2/2 up; connections:" in ready
+        server.waitFor(ALL)
         for _ in range(20):
             assert echoHalfClose(port, [b"shared"]) == b"shared"
         assert {int(n) for n in re.findall(r"worker=(\d)\] close", server.output())} == {1, 2}
