@@ -5,10 +5,13 @@ The service, one job per module:
 
   - L{echoplug.tap}: the C{twistd echoplug} command line (C{Options}, C{makeService});
   - L{echoplug.service}: listeners and the service's lifecycle (start-up line,
-    descriptor limits, idle sweep, drain on shutdown);
+    descriptor limits, idle sweep, drain on shutdown, queued connections accepted
+    first);
   - L{echoplug.factory}: builds protocols and keeps the books on open connections
     (caps, counters, the access line);
   - L{echoplug.protocol}: the per-connection echo, with flow control and half-close;
+  - L{echoplug.proxied}: that echo behind a load balancer (C{--proxy-protocol});
+  - L{echoplug.proxyheader}: the PROXY protocol header (v1, v2), parsed without I/O;
   - L{echoplug.eager}: which transports write (and close) at once rather than on
     the reactor's next turn;
   - L{echoplug.logs}: log levels, the access-log line and the observers behind

@@ -76,6 +76,13 @@ class EchoCollector(Collector):
         yield CounterMetricFamily(
             "echoplug_sent_bytes", "Bytes echoed back (handed to the kernel).",
             value=f.bytesSent + f.openSentBytes())
+        failures = CounterMetricFamily(
+            "echoplug_proxy_header_failures",
+            "Connections closed for a bad PROXY header, or none in time, by reason.",
+            labels=["reason"])
+        for reason, n in getattr(f, "headerFailures", {}).items():
+            failures.add_metric([reason], n)
+        yield failures
         yield InfoMetricFamily(
             "echoplug", "echoplug's version and the Twisted reactor it runs on.",
             value={"version": __version__, "reactor": self.reactor,

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,6 +71,11 @@ class Echo(Protocol):
     counted = True  # False if refused in connectionMade (the select wall)
     idleMark: tuple[int, int] = (0, 0)  # (bytesIn, unsent bytes) at the last sweep
     idleSince: float | None = None  # when idleMark last changed
+    # Under the PROXY protocol (echoplug.proxied): served only once the
+    # header is read; the client it names, and the balancer it came through.
+    admitted = True
+    client: IPv4Address | IPv6Address | None = None  # None: the transport's peer
+    via: IAddress | None = None
 
     def connectionMade(self) -> None:
         # The transport is its own streaming producer: when its send buffer

@@ -15,6 +15,7 @@ left at the drain timeout).
 
 from __future__ import annotations
 
+import select
 import signal
 from typing import Any
 
@@ -170,7 +171,42 @@ class Listener(Service):
         if self.port is None:
             return None
         port, self.port = self.port, None
+        # Closing a listening socket makes the kernel reset every connection
+        # in its accept queue: clients that had connected, and perhaps sent
+        # data, would see a reset (a balancer logs them as failures). Accept
+        # them first; the drain then serves them like any open connection.
+        acceptQueued(port)
         return defer.maybeDeferred(port.stopListening)
+
+
+def acceptQueued(port: object, rounds: int = 100) -> None:
+    """
+    Accept the connections already queued on a listening C{port}, by running
+    its own accept loop (C{doRead}, which accepts up to C{numberAccepts} at a
+    time, building protocols with the port's factory) while its socket is
+    readable, at most C{rounds} times (a port out of descriptors stays
+    readable; its C{doRead} logs that and accepts nothing).
+
+    Only C{IReadDescriptor}'s public C{fileno} and C{doRead} are used; a
+    port without them (not a socket port) is left alone.
+    """
+    doRead = getattr(port, "doRead", None)
+    fileno = getattr(port, "fileno", None)
+    if doRead is None or fileno is None:
+        return
+    try:
+        fd = fileno()
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    # poll(), not select(): the descriptor may be past FD_SETSIZE.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    for _ in range(rounds):
+        if not poller.poll(0):
+            return
+        doRead()
 
 
 class EchoService(MultiService):

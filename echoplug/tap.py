@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from echoplug.factory import EchoFactory
+from echoplug.factory import PROXY_MODES, EchoFactory
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
 from echoplug.workers import loggingProblem, workerCount
@@ -138,6 +138,14 @@ class Options(usage.Options):
          "--logfile, or --syslog."],
         # Hidden (see getUsage): given by a --workers parent to each worker.
         ["worker", None, None, "N,PARENT_PID: run as worker N of that parent."],
+        ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
+         "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
+         "required (close a connection without one), optional (serve one without it "
+         "as plain echo) or off. The client it names is the peer everywhere. Trust: "
+         "anyone who can connect can claim any address, so let only the balancer "
+         "reach such a listener."],
+        ["proxy-timeout", None, "5", "Close a connection that has not sent its whole "
+         "PROXY header within this many seconds. 0: never."],
     ]
     optFlags = [
         ["trace", None, "Log every event (connection, data received and sent, closing), "
@@ -147,6 +155,7 @@ class Options(usage.Options):
         optActions={
             "log-level": usage.CompleteList(list(LEVELS)),
             "log-format": usage.CompleteList(list(FORMATS)),
+            "proxy-protocol": usage.CompleteList(list(PROXY_MODES)),
         }
     )
 
@@ -196,6 +205,10 @@ class Options(usage.Options):
             )
         self["idle-timeout"] = seconds("--idle-timeout", self["idle-timeout"] or "0") or None
         self["drain-timeout"] = seconds("--drain-timeout", self["drain-timeout"])
+        self["proxy-timeout"] = seconds("--proxy-timeout", self["proxy-timeout"])
+        if self["proxy-protocol"] not in PROXY_MODES:
+            raise usage.UsageError(f"--proxy-protocol {self['proxy-protocol']!r}: choose one "
+                                   f"of {', '.join(PROXY_MODES)}")
         for cap in ("max-connections", "max-connections-per-peer"):
             if self[cap] is not None:
                 self[cap] = positive(f"--{cap}", self[cap])
@@ -205,6 +218,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if not self["ports"]:
             self["ports"] = [endpointDescription(DEFAULT_PORT)]
+        if self["proxy-protocol"] != "off":
+            for d in self["ports"]:
+                if d.startswith(("ssl:", "tls:")):
+                    # The header comes before the TLS handshake, but TLS wraps
+                    # the echo protocol: the header would reach OpenSSL.
+                    raise usage.UsageError(f"--proxy-protocol does not work with TLS "
+                                           f"listeners ({d}): let the balancer end TLS")
         if self["worker"] is not None:
             # A worker binds nothing: it adopts the parent's sockets (and
             # sees no LISTEN_FDS); only a TLS port's endpoint, for its
@@ -243,6 +263,8 @@ def makeFactory(config: Options, cls: type[EchoFactory] = EchoFactory) -> EchoFa
         maxConnections=config["max-connections"],
         maxPerPeer=config["max-connections-per-peer"],
         idleTimeout=config["idle-timeout"],
+        proxyProtocol=config["proxy-protocol"],
+        proxyTimeout=config["proxy-timeout"],
     )
 
 

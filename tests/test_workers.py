@@ -447,3 +447,15 @@ def test_worker_tag_in_text_and_json() -> None:
     assert text == formatEventAsClassicLogText(events[0], formatTime=ClassicText().formatTime)
     assert "[echoplug#info worker=3] close 127.0.0.1:5" in text
     assert json.loads(out.getvalue())["worker"] == 3
+
+
+@pytest.mark.slow
+def test_proxy_protocol_in_every_worker(tmp_path) -> None:
+    with workers(tmp_path, "--proxy-protocol", "required") as server:
+        for i in range(10):
+            with connect(server.port) as s:
+                s.sendall(b"PROXY TCP4 192.0.2.%d 127.0.0.1 5555 10000\r\nhello" % (i + 1))
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(16) == b"hello"
+        for i in range(10):
+            server.waitFor(rf"worker=\d\] close 192\.0\.2\.{i + 1}:5555 via ")
