@@ -1,5 +1,6 @@
 """
-echoplug: a TCP echo service (RFC 862) shipped as a twistd plugin.
+echoplug: an echo service (RFC 862) shipped as a twistd plugin: TCP, and
+UDP on request.
 
 The service, one job per module:
 
@@ -12,6 +13,8 @@ The service, one job per module:
   - L{echoplug.protocol}: the per-connection echo, with flow control and half-close;
   - L{echoplug.proxied}: that echo behind a load balancer (C{--proxy-protocol});
   - L{echoplug.proxyheader}: the PROXY protocol header (v1, v2), parsed without I/O;
+  - L{echoplug.udp}: UDP echo (C{udp:}, C{systemd-udp:}) and the guards that
+    every datagram passes (source ports, source addresses, rate limits);
   - L{echoplug.eager}: which transports write (and close) at once rather than on
     the reactor's next turn;
   - L{echoplug.logs}: log levels, the access-log line and the observers behind

@@ -50,6 +50,12 @@ speed.
     _SocketCloser._shouldShutdown       shutdown() before close()   SharedUNIXPort,
                                         on stopListening            stopWithoutShutdown: a
                                                                     shared socket stays up
+    endpoints._parse                    serverFromString's split    endpointArguments: udp:
+                                        of a description (colons    descriptions, escaped as
+                                        escaped with backslashes)   TCP ones are
+    AdoptedStreamServerEndpoint.fileno  the descriptor a systemd:   systemdDescriptor: find a
+                                        endpoint found by name or   ListenDatagram= socket as
+                                        index (undocumented)        systemd: finds a stream
     ==================================  ==========================  ===========================
 
 Under C{--workers} (L{echoplug.worker}, L{echoplug.workers}), sockets are
@@ -90,7 +96,7 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.internet import main, selectreactor, tcp, unix
+from twisted.internet import abstract, main, selectreactor, tcp, unix
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import FileLogObserver
@@ -138,14 +144,16 @@ def usesTLS(transport: Any) -> bool:
     return bool(transport.TLS)
 
 
-def eagerWrite(transport: Any) -> Callable[[bytes], None]:
+def eagerWrite(transport: Any,
+               queued: Callable[[], None] | None = None) -> Callable[[bytes], None]:
     """
     A write function for a plain TCP or UNIX transport (L{echoplug.eager}
     decides which) that calls C{socket.send} at once when nothing is queued,
     no producer is paused and no close is under way, and hands only the
     remainder to C{transport.write}, so the transport's own buffering,
     producer pausing, half-close and abort logic see exactly what they
-    would have seen otherwise.
+    would have seen otherwise. C{queued}, if given, is called after the
+    remainder of a send went into the empty buffer: off the fast path.
     """
     send = transport.socket.send
     write = transport.write
@@ -166,6 +174,8 @@ def eagerWrite(transport: Any) -> Callable[[bytes], None]:
             sent = 0
         if sent < len(data):
             write(data[sent:])
+            if queued is not None:
+                queued()
 
     return eagerWrite
 
@@ -191,6 +201,40 @@ def closeNow(transport: Any) -> None:
     transport.stopReading()
     transport.stopWriting()
     transport.connectionLost(Failure(main.CONNECTION_DONE))
+
+
+# Endpoint descriptions: echoplug's udp: and systemd-udp: forms follow
+# Twisted's conventions by using Twisted's own parsing.
+
+
+def endpointArguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description exactly as C{serverFromString} does:
+    positional arguments (the prefix first) and C{key=value} ones, with
+    colons escaped by backslashes (C{interface=\\:\\:1}).
+    """
+    from twisted.internet.endpoints import _parse
+
+    args, kwargs = _parse(description)
+    return [str(a) for a in args], {str(k): str(v) for k, v in kwargs.items()}
+
+
+def systemdDescriptor(reactor: Any, which: str) -> int:
+    """
+    The descriptor that C{serverFromString(reactor, "systemd:domain=INET:"
+    + which)} would adopt (C{which} is C{name=NAME} or C{index=N}): the same
+    C{LISTEN_FDS} and C{LISTEN_FDNAMES}, which Twisted reads (and removes
+    from the environment) once, when C{twisted.internet.endpoints} is
+    imported, so a process can take stream and datagram sockets alike.
+
+    @raise KeyError: no socket of that name.
+    @raise IndexError: no socket at that index.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+    endpoint = serverFromString(reactor, f"systemd:domain=INET:{which}")
+    assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+    return int(endpoint.fileno)
 
 
 # twistd's log observer.
@@ -416,3 +460,108 @@ def exclusiveWakeup(reactor: Any, port: Any) -> bool:
         poller.register(fd, select.EPOLLIN)  # a kernel without it (before 4.5)
         return False
     return True
+
+
+# The buffer bound: read size, and learning when a send buffer has drained.
+
+#: What Twisted reads per C{recv} and buffers before pausing a producer.
+DEFAULT_BUFFER_SIZE: int = abstract.FileDescriptor.bufferSize
+
+
+def setReadSize(transport: Any, size: int) -> None:
+    """
+    Make the socket transport under C{transport} read at most C{size} bytes
+    per C{recv}, and pause its streaming producer once more than C{size}
+    bytes wait to be sent: C{FileDescriptor} uses C{bufferSize} for both.
+    """
+    t = socketTransport(transport)
+    if hasattr(t, "dataBuffer"):
+        t.bufferSize = size
+
+
+def watchDrain(transport: Any) -> None:
+    """
+    Have C{transport} call its streaming producer's C{resumeProducing} once
+    its send buffer is empty, as C{FileDescriptor.doWrite} does after it has
+    paused the producer, without pausing it: the flag is all doWrite reads.
+    """
+    transport.producerPaused = True
+
+
+# Endpoint descriptions.
+
+
+# UNIX listeners: peer names of 4 characters.
+
+
+class _Name(tuple[Any, ...]):
+    """A UNIX peer name, held in a 1-tuple so that its length is never 4."""
+
+    __slots__ = ()
+
+
+def _unwrap(name: Any) -> Any:
+    return name[0] if type(name) is _Name else name
+
+
+class _GuardedAccept:
+    """
+    A listening socket whose C{accept} hides a 4-character peer name in a
+    L{_Name}. C{tcp.Port.doRead} takes any address of length 4 for an IPv6
+    4-tuple and calls C{getnameinfo} on it, which raises C{TypeError} for a
+    UNIX name such as C{"abcd"} or an abstract C{b"\\0abc"}, inside the
+    accept loop: a traceback per connection, and the client reset.
+    """
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        skt, name = self._socket.accept()
+        if len(name) == 4:
+            name = _Name((name,))
+        return skt, name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
+
+
+class GuardedUNIXPort(unix.Port):
+    """
+    C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
+    peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
+    transport class.
+    """
+
+    def _buildAddr(self, name: Any) -> Any:
+        return super()._buildAddr(_unwrap(name))
+
+    @staticmethod
+    def transport(  # type: ignore[override]
+            skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+            reactor: Any) -> Any:
+        # The plain class, exactly: echoplug.eager recognises it.
+        return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
+
+
+class GuardedSharedUNIXPort(GuardedUNIXPort, SharedUNIXPort):
+    """L{GuardedUNIXPort}'s accept over a L{SharedUNIXPort} (a worker's adopted one)."""
+
+
+_GUARDED: dict[type, type] = {unix.Port: GuardedUNIXPort,
+                              SharedUNIXPort: GuardedSharedUNIXPort}
+
+
+def guardUNIXAccept(port: Any) -> None:
+    """
+    Make a listening C{unix.Port} (however it was made: a C{unix:} endpoint,
+    systemd, an adopted descriptor) accept clients bound to 4-character
+    names. Any other port is left as it is.
+    """
+    guarded = _GUARDED.get(type(port))
+    if guarded is None or not hasattr(port, "socket"):
+        return
+    port.__class__ = guarded
+    port.socket = _GuardedAccept(port.socket)

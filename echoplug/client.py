@@ -13,6 +13,12 @@ Unlike the original, which printed whatever one C{recv(1024)} returned, it
 waits until the whole echo is back (TCP may split it), checks every byte,
 and exits 0 only if everything matched. A refused connection, a timeout or a
 mismatch is one line on stderr and exit status 1; a bad option is status 2.
+
+With C{--udp} it sends each message as one datagram from each of
+C{--connections} UDP sockets, and waits for each echo: a datagram that does
+not come back is sent again, up to C{--retries} times, the attempts spread
+over C{--timeout} seconds. The lines printed are the same; a datagram that
+never came back (or an ICMP "port unreachable") is one line and status 1.
 """
 
 from __future__ import annotations
@@ -24,15 +30,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IConnector, ITCPTransport
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
 from echoplug.reactors import install
 
 MESSAGES = ["This is the message. ", "It will be sent ", "in parts."]
+#: The largest UDP payload over IPv4.
+MAX_DATAGRAM = 65507
 
 
 class ClientError(Exception):
@@ -116,6 +125,11 @@ class EchoClientFactory(ClientFactory["EchoClient"]):
         self.connected.errback(ClientError(f"cannot connect to {self.where}: {why}"))
 
 
+def brief(data: bytes) -> str:
+    """C{data} for a one-line error: its repr, or the start of it and its size."""
+    return repr(data) if len(data) <= 60 else f"{data[:40]!r}... ({len(data)} bytes)"
+
+
 def show(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace")
 
@@ -149,6 +163,129 @@ async def converse(reactor: Any, options: argparse.Namespace) -> None:
             c.transport.loseConnection()
 
 
+class DatagramClient(DatagramProtocol):
+    """
+    One UDP socket, connected to the server, so the kernel lets through only
+    the server's datagrams (and reports its ICMP "port unreachable").
+    Datagrams are queued as they arrive; L{next} hands them out one by one.
+    """
+
+    noisy = False
+    name = "(unbound)"
+    port: Any = None  # the reactor's UDP port (its transport)
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.queue: list[bytes] = []
+        self.waiting: defer.Deferred[bytes | None] | None = None
+        self.refused = False
+        self.stopping = False
+
+    def connect(self, host: str, port: int) -> None:
+        """Connect to the server; name the socket by its local address then."""
+        self.port.connect(host, port)
+        local = self.port.getHost()
+        self.name = repr((local.host, local.port))
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.queue.append(datagram)
+        self._wake()
+
+    def connectionRefused(self) -> None:
+        self.refused = True
+        self._wake()
+
+    def stopProtocol(self) -> None:
+        # The epoll and poll reactors close a connected UDP socket whose ICMP
+        # error is pending (EPOLLERR without EPOLLIN) instead of reporting
+        # connectionRefused, as the select reactor does.
+        if not self.stopping:
+            self.connectionRefused()
+
+    def _wake(self) -> None:
+        d, self.waiting = self.waiting, None
+        if d is not None and not d.called:
+            d.callback(self.queue.pop(0) if self.queue else None)
+
+    def next(self, timeout: float) -> defer.Deferred[bytes | None]:
+        """The next datagram, or C{None} after C{timeout} seconds or if refused."""
+        if self.queue:
+            return defer.succeed(self.queue.pop(0))
+        if self.refused:
+            return defer.succeed(None)
+        d: defer.Deferred[bytes | None] = defer.Deferred()
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda result, timeout: None)
+        self.waiting = d
+        return d
+
+
+async def exchange(c: DatagramClient, payload: bytes, earlier: set[bytes],
+                   options: argparse.Namespace) -> bytes:
+    """
+    Send C{payload} and wait for its echo, sending it again up to
+    C{options.retries} times. A late echo of an earlier message (one that
+    was sent twice) is skipped; anything else is a mismatch.
+    """
+    where = f"{options.host}:{options.port}"
+    wait = options.timeout / (options.retries + 1)
+    refused = ClientError(f"{c.name}: {where} answered port unreachable: "
+                          "nothing listens for UDP there")
+    for _ in range(options.retries + 1):
+        if c.refused:
+            raise refused
+        c.port.write(payload)
+        deadline = c.reactor.seconds() + wait
+        while (left := deadline - c.reactor.seconds()) > 0:
+            echoed = await c.next(left)
+            if c.refused:
+                raise refused
+            if echoed is None:
+                break
+            if echoed == payload:
+                return echoed
+            if echoed not in earlier:
+                raise ClientError(f"{c.name}: echo mismatch: sent {brief(payload)}, "
+                                  f"received {brief(echoed)}")
+    raise ClientError(f"{c.name}: lost: no echo of {brief(payload)} from {where} after "
+                      f"{options.retries} resends in {options.timeout:g}s")
+
+
+async def converseUDP(reactor: Any, options: argparse.Namespace) -> None:
+    """L{converse} over UDP: every message as a datagram from every socket."""
+    host = options.host
+    if not (isIPAddress(host) or isIPv6Address(host)):
+        host = await reactor.resolve(host)
+    clients: list[DatagramClient] = []
+    try:
+        for _ in range(options.connections):
+            c = DatagramClient(reactor)
+            # maxPacketSize: Twisted's default of 8192 would truncate the echo.
+            c.port = reactor.listenUDP(0, c, interface="::" if isIPv6Address(host) else "",
+                                       maxPacketSize=MAX_DATAGRAM + 28)
+            clients.append(c)
+            c.connect(host, options.port)
+        earlier: set[bytes] = set()
+        for message in options.message:
+            payload = message.encode("utf-8")
+            for c in clients:
+                print(f'{c.name}: sending "{message}"')
+            # All at once, each with its own deadline; then in socket order.
+            results = await defer.DeferredList(
+                [defer.ensureDeferred(exchange(c, payload, earlier, options)) for c in clients],
+                consumeErrors=True)
+            for c, (ok, echoed) in zip(clients, results, strict=True):
+                if not ok:
+                    failure: Any = echoed
+                    raise failure.value
+                print(f'{c.name}: received "{show(echoed)}"')
+            earlier.add(payload)
+    finally:
+        for c in clients:
+            c.stopping = True
+            if c.port.connected:
+                c.port.stopListening()
+
+
 def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="echoplug-client",
@@ -164,12 +301,20 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reactor", default=None,
                         help="Twisted reactor: select, poll, epoll, asyncio [default]")
     parser.add_argument("--timeout", type=positiveFloat, default=10.0,
-                        help="give up after this many seconds [10]")
+                        help="give up after this many seconds (with --udp: for each "
+                        "datagram, resends included) [10]")
+    parser.add_argument("--udp", action="store_true",
+                        help="send each message as a UDP datagram, not over TCP")
+    parser.add_argument("--retries", type=nonNegativeInt, default=3,
+                        help="with --udp: resend a datagram that did not come back "
+                        "up to this many times [3]")
     options = parser.parse_args(argv)
     if options.message is None:
         options.message = list(MESSAGES)
     if any(m == "" for m in options.message):
         parser.error("--message: an empty message cannot be echoed")
+    if options.udp and any(len(m.encode("utf-8")) > MAX_DATAGRAM for m in options.message):
+        parser.error(f"--message: a UDP datagram holds at most {MAX_DATAGRAM} bytes")
     return options
 
 
@@ -182,6 +327,12 @@ def portNumber(text: str) -> int:
 def positiveInt(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def nonNegativeInt(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
     return int(text)
 
 
@@ -205,8 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome.append(f.value)
 
     def run(reactor: Any) -> defer.Deferred[None]:
-        d = defer.ensureDeferred(converse(reactor, options))
-        d.addTimeout(options.timeout, reactor)
+        if options.udp:
+            # Each datagram has its own deadline (exchange), resends included.
+            d = defer.ensureDeferred(converseUDP(reactor, options))
+        else:
+            d = defer.ensureDeferred(converse(reactor, options))
+            d.addTimeout(options.timeout, reactor)
         d.addErrback(failed)
         return d
 

@@ -48,15 +48,20 @@ else:
     PLAIN += (unix.Server, unix.Client)
 
 
-def eagerWriter(transport: Any) -> Callable[[bytes], None]:
+def eagerWriter(transport: Any,
+                queued: Callable[[], None] | None = None) -> Callable[[bytes], None]:
     """
     The function to write with on C{transport}: an eager one for a plain TCP
     or UNIX transport, else C{transport.write} itself.
+
+    @param queued: called after an eager write that left bytes in the
+        transport's empty send buffer (the kernel took only part), for
+        the buffer bound; never on the fast path.
     """
     if type(transport) not in PLAIN or _twisted.usesTLS(transport):
         write: Callable[[bytes], None] = transport.write
         return write
-    return _twisted.eagerWrite(transport)
+    return _twisted.eagerWrite(transport, queued)
 
 
 def loseConnection(transport: Any) -> None:

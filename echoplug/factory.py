@@ -14,7 +14,9 @@ lose half-close on the way.
 
 from __future__ import annotations
 
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -24,6 +26,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echoplug._twisted import socketTransport, unsentBytes
+from echoplug.buffers import BufferBound
 from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Books, Echo, TracingEcho
 
@@ -81,12 +84,15 @@ class EchoFactory(Books):
     @ivar connections: the open connections.
     @ivar accepted: connections served since start.
     @ivar bytesEchoed: bytes received on closed connections (each one was
-        echoed back, unless the connection was cut first); add
-        C{openBytes()} for the total including open ones.
+        echoed back, unless the connection was cut first).
     @ivar refused: connections closed at once, unserved, because of a cap.
     @ivar maxConnections: the cap on open connections, or C{None}.
     @ivar maxPerPeer: the cap on open connections from one IP, or C{None}.
-    @ivar perPeer: open connections by client IP (kept only under a per-peer cap).
+    @ivar perPeer: open connections by peer key (L{peerKey}: the client's
+        network), kept only under a per-peer cap.
+    @ivar peerPrefix: (IPv4 bits, IPv6 bits): the networks L{peerKey} groups.
+    @ivar bound: the bound on bytes held over all connections, or C{None}.
+    @ivar keepalive: TCP keepalive for each accepted connection, or C{None}.
     @ivar idleTimeout: seconds without traffic before L{sweepIdle} closes a
         connection, or C{None}.
     @ivar fdWall: under the select reactor, FD_SETSIZE: a connection whose
@@ -115,6 +121,9 @@ class EchoFactory(Books):
         maxPerPeer: int | None = None,
         idleTimeout: float | None = None,
         clock: IReactorTime | None = None,
+        maxBuffered: int | None = None,
+        keepalive: Keepalive | None = None,
+        peerPrefix: tuple[int, int] = (32, 64),
         proxyProtocol: str = "off",
         proxyTimeout: float = 5.0,
     ) -> None:
@@ -136,15 +145,19 @@ class EchoFactory(Books):
         self.logOpen = level <= LEVELS["debug"]
         self.logClose = level <= LEVELS["info"]
         # The access log: one line per connection, built cheaply (LogLine).
+        # Its fields (peer, duration, received, sent, why) are documented in
+        # docs/operations.md; add fields, but do not rename these.
         self.openLine = LogLine(self.log, LogLevel.debug, "open {peer}")
         self.closeLine = LogLine(
             self.log, LogLevel.info,
-            "close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}")
+            "close {peer} after {duration:.3f}s, "
+            "{received} bytes received, {sent} bytes sent, {why}")
         # The same lines for a client named by a PROXY header: its balancer too.
         self.openViaLine = LogLine(self.log, LogLevel.debug, "open {peer} via {via}")
         self.closeViaLine = LogLine(
             self.log, LogLevel.info,
-            "close {peer} via {via} after {duration:.3f}s, {bytes} bytes echoed, {why}")
+            "close {peer} via {via} after {duration:.3f}s, "
+            "{received} bytes received, {sent} bytes sent, {why}")
         self.connections: set[Echo] = set()
         self.accepted = 0
         self.bytesEchoed = 0
@@ -153,7 +166,16 @@ class EchoFactory(Books):
         self.maxConnections = maxConnections
         self.maxPerPeer = maxPerPeer
         self.perPeer: dict[str, int] = {}
+        self.peerPrefix = peerPrefix
+        self.keepalive = keepalive
+        self.bound = (None if maxBuffered is None
+                      else BufferBound(maxBuffered, self.connections, self.clock))
         self.idleTimeout = idleTimeout
+        # The idle sweep's buckets: each sweep checks one (see sweepIdle).
+        self.idleBuckets: list[set[Echo]] = [set()]
+        self.idleGeneration = 0
+        self.sweepsPerTimeout = 1
+        self._nextBucket = 0
         self.fdWall: int | None = None
         self.refusalLog = RateLimitedLog(self.log, self.clock, "refused {n} more connections "
                                          "(over a cap)", self.refusalLogInterval,
@@ -174,7 +196,7 @@ class EchoFactory(Books):
         if self.maxPerPeer is not None and self.proxyProtocol == "off":
             # Under the PROXY protocol addr is the balancer: admit() caps
             # the client the header names instead.
-            host = getattr(addr, "host", None)  # None for UNIX sockets: not capped
+            host = self.peerKey(addr)  # None for UNIX sockets: not capped
             if host is not None and self.perPeer.get(host, 0) >= self.maxPerPeer:
                 self.refuse(addr, f"at --max-connections-per-peer {self.maxPerPeer} for {host}")
                 return None
@@ -183,6 +205,19 @@ class EchoFactory(Books):
         if host is not None:
             p.peerHost = host
         return p
+
+    def peerKey(self, addr: IAddress | None) -> str | None:
+        """
+        What a per-peer cap counts C{addr} under: its network at
+        C{peerPrefix} (by default the IPv4 address, or the IPv6 /64 that
+        one client may control), or C{None} for a peer with no IP (UNIX).
+        Every check of a per-peer cap calls this, wherever the real peer
+        becomes known.
+        """
+        host = getattr(addr, "host", None)
+        if host is None:
+            return None
+        return prefixKey(host, *self.peerPrefix)
 
     def refuse(self, addr: IAddress | None, why: str) -> None:
         """
@@ -202,7 +237,7 @@ class EchoFactory(Books):
         transport: Any = proto.transport
         addr: Any = proto.client or transport.getPeer()
         if self.maxPerPeer is not None:
-            host = getattr(addr, "host", None)  # None for UNIX sockets: not capped
+            host = self.peerKey(addr)  # None for UNIX sockets: not capped
             if host is not None:
                 if self.perPeer.get(host, 0) >= self.maxPerPeer:
                     self.refuse(addr, f"at --max-connections-per-peer {self.maxPerPeer} "
@@ -248,6 +283,12 @@ class EchoFactory(Books):
             proto.transport.abortConnection()
             return
         self.connections.add(proto)
+        if self.keepalive is not None:
+            self.keepalive.apply(proto.transport)
+        if self.bound is not None:
+            self.bound.connected(proto)
+        if self.idleTimeout is not None:
+            self.watchIdle(proto)
         if proto.admitted:  # False until a PROXY header is read: admit()
             self._serve(proto)
 
@@ -255,14 +296,20 @@ class EchoFactory(Books):
         if not proto.counted:
             return
         self.connections.discard(proto)
+        if proto.held:
+            assert self.bound is not None
+            self.bound.lost(proto)
+        if proto.idleSlot >= 0:
+            self.idleBuckets[proto.idleSlot].discard(proto)
         if self._emptyWaiters and not self.connections:
             waiters, self._emptyWaiters = self._emptyWaiters, []
             for d in waiters:
                 self.clock.callLater(0, d.callback, None)
         if not proto.admitted:
             return  # never served: its bad header or refusal is counted already
+        sent = proto.bytesIn - unsentBytes(proto.transport)
         self.bytesEchoed += proto.bytesIn
-        self.bytesSent += proto.bytesIn - unsentBytes(proto.transport)
+        self.bytesSent += sent
         if proto.peerHost is not None:
             left = self.perPeer.pop(proto.peerHost) - 1
             if left:
@@ -272,14 +319,16 @@ class EchoFactory(Books):
                 self.closeLine(
                     peer=self.peerOf(proto.transport),
                     duration=time.monotonic() - proto.started,
-                    bytes=proto.bytesIn,
+                    received=proto.bytesIn,
+                    sent=sent,
                     why=proto.closeReason or describeReason(reason),
                 )
             else:
                 self.closeViaLine(
                     peer=formatAddress(proto.client), via=formatAddress(proto.via),
                     duration=time.monotonic() - proto.started,
-                    bytes=proto.bytesIn,
+                    received=proto.bytesIn,
+                    sent=sent,
                     why=proto.closeReason or describeReason(reason),
                 )
 
@@ -298,47 +347,154 @@ class EchoFactory(Books):
             p.close(why)
         return len(open_)
 
+    def setSweeps(self, sweepsPerTimeout: int) -> None:
+        """
+        Say how many sweeps run per idle timeout (the service runs them):
+        each connection is checked every half timeout, so every sweep
+        checks one bucket of C{sweepsPerTimeout // 2}, a share of the
+        connections, instead of all of them.
+        """
+        self.sweepsPerTimeout = max(1, sweepsPerTimeout)
+        buckets = max(1, self.sweepsPerTimeout // 2)
+        old = [p for bucket in self.idleBuckets for p in bucket]
+        self.idleBuckets = [set() for _ in range(buckets)]
+        self._nextBucket = 0
+        for p in old:
+            self._bucket(p)
+
+    def watchIdle(self, proto: Echo) -> None:
+        """A new connection: idle from the next sweep on, checked in turn."""
+        proto.idleSince = self.idleGeneration + 1
+        self._bucket(proto)
+
+    def _bucket(self, proto: Echo) -> None:
+        # Round robin keeps the buckets even, whatever the pace of connects.
+        slot = self._nextBucket
+        self._nextBucket = (slot + 1) % len(self.idleBuckets)
+        proto.idleSlot = slot
+        self.idleBuckets[slot].add(proto)
+
     def sweepIdle(self) -> None:
         """
         Close the connections that have had no traffic for C{idleTimeout}.
 
-        Run every fraction of the timeout by the service, instead of a timer
-        reset on every message. A connection is busy if it received bytes or
-        if its send buffer changed (it sent some) since the last sweep; one
-        paused by backpressure, whose client reads nothing, is neither, and
-        L{Echo.close} aborts it (loseConnection() would wait for the
-        registered producer for ever); an idle one with nothing to send
-        gets an orderly close.
+        Run C{sweepsPerTimeout} times per timeout by the service, instead of
+        a timer reset on every message. Each run checks one bucket of
+        connections, so each connection is checked every half timeout and a
+        sweep costs a share of them (at 15,000 connections and 8 buckets,
+        about 1,900). A connection is busy if it received bytes or its send
+        buffer changed (it sent some) since its last check: counters the
+        protocol and transport keep anyway. One that has been neither for a
+        timeout of sweeps is closed, between 1 and 1.5 timeouts after its
+        last traffic. One paused by backpressure, whose client reads nothing,
+        is neither, and L{Echo.close} aborts it (loseConnection() would wait
+        for the registered producer for ever); an idle one with nothing to
+        send gets an orderly close.
         """
-        timeout = self.idleTimeout
-        if timeout is None:
+        if self.idleTimeout is None:
             return
-        now = self.clock.seconds()
-        for p in list(self.connections):
+        self.idleGeneration = generation = self.idleGeneration + 1
+        bucket = self.idleBuckets[generation % len(self.idleBuckets)]
+        due = generation - self.sweepsPerTimeout
+        closing = []
+        for p in bucket:
             # The ciphertext too under TLS: is anything leaving at all?
             mark = (p.bytesIn, unsentBytes(socketTransport(p.transport)))
             if mark != p.idleMark:
                 p.idleMark = mark
-                p.idleSince = now
-            elif p.idleSince is None:
-                p.idleSince = now  # first sweep that saw it: idle from here
-            elif now - p.idleSince >= timeout:
-                # Nothing left to send: a FIN. Stuck with unsent bytes (or
-                # still open a sweep after a FIN): abort.
-                p.close("idle timeout", graceful=mark[1] == 0 and not p.closeReason)
-
-    def openBytes(self) -> int:
-        """Bytes received so far on the connections still open."""
-        return sum(p.bytesIn for p in self.connections)
-
-    def openSentBytes(self) -> int:
-        """Bytes sent so far on the connections still open."""
-        return sum(p.bytesIn - unsentBytes(p.transport) for p in self.connections)
+                p.idleSince = generation
+            elif p.idleSince <= due:
+                closing.append(p)
+        for p in closing:
+            # Nothing left to send: a FIN. Stuck with unsent bytes (or still
+            # open a check after a FIN): abort.
+            p.close("idle timeout", graceful=p.idleMark[1] == 0 and not p.closeReason)
 
     @staticmethod
     def peerOf(transport: ITransport | None) -> str:
         assert transport is not None
         return formatAddress(transport.getPeer())
+
+
+#: --peer-prefix by default: an IPv4 address, or an IPv6 /64 (what one site
+#: or one client usually gets).
+DEFAULT_PEER_PREFIX = "32,64"
+
+
+def prefixKey(host: str, v4bits: int = 32, v6bits: int = 64) -> str:
+    """
+    The network of C{host} at C{v4bits} (IPv4) or C{v6bits} (IPv6), as
+    text: C{"192.0.2.7"} for a whole address, C{"192.0.2.0/24"},
+    C{"2001:db8:1:2::/64"}. An IPv4-mapped IPv6 address (a dual-stack
+    listener's IPv4 client) is taken as the IPv4 address it maps, so that
+    all IPv4 clients do not share one /64; a zone (C{%eth0}) is dropped.
+    """
+    host = host.partition("%")[0]
+    if ":" in host:
+        raw = socket.inet_pton(socket.AF_INET6, host)
+        if raw[:12] != b"\0" * 10 + b"\xff\xff":
+            n = int.from_bytes(raw, "big")
+            if v6bits >= 128:
+                return host
+            n = n >> (128 - v6bits) << (128 - v6bits)
+            net = socket.inet_ntop(socket.AF_INET6, n.to_bytes(16, "big"))
+            return f"{net}/{v6bits}"
+        host = socket.inet_ntop(socket.AF_INET, raw[12:])
+    if v4bits >= 32:
+        return host
+    n = int.from_bytes(socket.inet_aton(host), "big") >> (32 - v4bits) << (32 - v4bits)
+    return f"{socket.inet_ntoa(n.to_bytes(4, 'big'))}/{v4bits}"
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """
+    TCP keepalive for each accepted connection, so that a peer that
+    vanished without a FIN or a reset (powered off, cut off by a NAT or a
+    firewall) does not hold a connection for ever.
+
+    After C{idle} seconds of silence the kernel sends a probe, then one
+    every C{interval} seconds, and gives up after C{count} unanswered:
+    C{idle + interval * count} seconds in all. TCP_USER_TIMEOUT is that
+    long too: data left unacknowledged (or a zero window that never
+    opens) closes the connection after as long, where the kernel would
+    otherwise retransmit for about 15 minutes.
+
+    Set per accepted connection (five setsockopt calls, a few
+    microseconds), not on the listening socket, which echoplug does not
+    always make itself (systemd, a parent process's workers).
+    """
+
+    idle: int
+    interval: int
+    count: int = 4
+
+    #: Linux's largest TCP_KEEPIDLE.
+    MAX_IDLE = 32767
+
+    @classmethod
+    def after(cls, idle: int) -> Keepalive:
+        """Probe after C{idle} seconds, 4 probes 1/20 of that apart (300: 15 s)."""
+        return cls(idle, max(1, idle // 20))
+
+    @property
+    def userTimeout(self) -> int:
+        """TCP_USER_TIMEOUT, in milliseconds."""
+        return (self.idle + self.interval * self.count) * 1000
+
+    def apply(self, transport: Any) -> None:
+        """Set the options on the TCP socket under C{transport}; not UNIX."""
+        sock = getattr(socketTransport(transport), "socket", None)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, self.idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, self.interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.count)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.userTimeout)
+        except OSError:
+            pass  # already reset by the peer: it will be closed anyway
 
 
 def fileno(transport: Any) -> int:

@@ -225,20 +225,66 @@ def twistdObserver(serverOptions: Mapping[str, Any], fmt: str = "text",
     return makeObserver(fmt, level or "info", observerFile(stock))
 
 
+def _escapes() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+    # Bytes that were not UTF-8, as decoding with surrogateescape leaves them.
+    table.update({0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)})
+    # Line and paragraph separators (JSON readers and JavaScript break lines
+    # there) and the bidirectional overrides that reorder what a terminal shows.
+    for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)):
+        table[c] = f"\\u{c:04x}"
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                  ord("\\"): "\\\\"})
+    return table
+
+
+#: What L{escape} rewrites: C0 and C1 control characters, DEL, bytes that
+#: were not UTF-8, the Unicode line and paragraph separators and bidi
+#: controls, and the backslash that starts an escape.
+ESCAPES = _escapes()
+
+
+def escape(text: str) -> str:
+    """
+    Make a client-controlled string safe to put in a log line: control
+    characters (C0, DEL, C1), undecodable bytes, U+2028, U+2029 and the bidi
+    controls become Python-style escapes (C{\\n}, C{\\x1b}, C{\\xff},
+    C{\\u2028}), and a backslash is doubled, so the result is one printable
+    line that reads back unambiguously.
+
+    Apply it where a client-controlled value enters the log (L{formatAddress}
+    for a UNIX peer's path, the PROXY header's addresses, ...), once, rather
+    than in each observer: then the text, JSON and syslog outputs all carry
+    the same safe value. Values the kernel renders (IP addresses and ports)
+    need none, so the TCP access line pays nothing.
+    """
+    return text.translate(ESCAPES)
+
+
 def formatAddress(address: object) -> str:
     """
     Render an address as people write it: C{host:port}, C{[v6]:port} or the
-    socket path (C{unix} for an unnamed client end).
+    socket path (C{unix} for an unnamed client end, C{@name} for an abstract
+    one).
+
+    A UNIX client chooses the path it binds, so a path is passed through
+    L{escape}: a newline in it cannot forge a second log line, nor an ESC
+    colour the terminal, nor a NUL cut the line.
     """
     if isinstance(address, IPv4Address):
         return f"{address.host}:{address.port}"
     if isinstance(address, IPv6Address):
         return f"[{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
-        name = address.name
-        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
-        return text or "unix"
-    return str(address)
+        raw = address.name
+        name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+        if not name:
+            return "unix"
+        if name.startswith("\0"):
+            # Linux's abstract namespace, written as ss(8) and systemd do.
+            return "@" + escape(name[1:])
+        return escape(name)
+    return escape(str(address))
 
 
 @implementer(ILogObserver)
@@ -267,7 +313,10 @@ class JSONLinesObserver:
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # ensure_ascii: every control character and every non-ASCII one,
+        # U+2028 and U+2029 included, leaves as a \uXXXX escape, so no field
+        # can break the line or reach a terminal raw.
+        self.out.write(json.dumps(record) + "\n")
         self.out.flush()
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echoplug.eager import eagerWriter, loseConnection
+
+if TYPE_CHECKING:
+    from echoplug.buffers import BufferBound
 
 
 class Books(ServerFactory["Echo"]):
@@ -32,6 +35,9 @@ class Books(ServerFactory["Echo"]):
     base class is here so that this module needs nothing from the factory's
     (which imports this one).
     """
+
+    #: The bound on bytes held over all connections (--max-buffered), if any.
+    bound: BufferBound | None = None
 
     def connectionMade(self, proto: Echo) -> None:
         raise NotImplementedError
@@ -43,7 +49,7 @@ class Books(ServerFactory["Echo"]):
         raise NotImplementedError
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class Echo(Protocol):
     """
     Send back every byte received, at the pace the peer reads them.
@@ -69,8 +75,10 @@ class Echo(Protocol):
     # connection costs no more unless a limit is on.
     peerHost: str | None = None  # the key in factory.perPeer, under a per-peer cap
     counted = True  # False if refused in connectionMade (the select wall)
-    idleMark: tuple[int, int] = (0, 0)  # (bytesIn, unsent bytes) at the last sweep
-    idleSince: float | None = None  # when idleMark last changed
+    idleMark: tuple[int, int] = (0, 0)  # (bytesIn, unsent bytes) at the last check
+    idleSince = 0  # the idle sweep's generation when idleMark last changed
+    idleSlot = -1  # the idle sweep's bucket that holds this connection
+    held = 0  # bytes counted against --max-buffered (factory.bound)
     # Under the PROXY protocol (echoplug.proxied): served only once the
     # header is read; the client it names, and the balancer it came through.
     admitted = True
@@ -78,11 +86,15 @@ class Echo(Protocol):
     via: IAddress | None = None
 
     def connectionMade(self) -> None:
-        # The transport is its own streaming producer: when its send buffer
-        # fills, it pauses itself and so stops reading, so a client that
-        # writes and never reads cannot grow the server (as in portforward.py).
-        self.transport.registerProducer(self.transport, True)
-        self.send = eagerWriter(self.transport)
+        # The protocol is the transport's streaming producer: when the send
+        # buffer fills, the transport pauses it and it stops the transport
+        # reading, so a client that writes and never reads cannot grow the
+        # server (as portforward.py wires two transports). Pausing and
+        # resuming pass through here so that the buffer bound hears of them.
+        self.transport.registerProducer(self, True)
+        bound = self.factory.bound
+        self.send = eagerWriter(self.transport,
+                                None if bound is None else self._queued)
         self.started = time.monotonic()
         self.factory.connectionMade(self)
 
@@ -96,6 +108,28 @@ class Echo(Protocol):
         # flushes what is buffered and closes (at once if nothing is: eager.py).
         self.transport.unregisterProducer()
         loseConnection(self.transport)
+
+    # IPushProducer, called by the transport (and by the buffer bound).
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+        if self.factory.bound is not None:
+            self.factory.bound.paused(self)
+
+    def resumeProducing(self) -> None:
+        # The send buffer is empty.
+        if self.factory.bound is not None:
+            self.factory.bound.drained(self)
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The connection is gone; connectionLost does the books.
+        pass
+
+    def _queued(self) -> None:
+        # The eager write has just left bytes in an empty send buffer.
+        assert self.factory.bound is not None
+        self.factory.bound.queued(self)
 
     def writeConnectionLost(self) -> None:
         # The peer will read no more; nothing we send can arrive.

@@ -8,9 +8,10 @@ drops privileges, and turns a port that cannot be bound into one line and a
 non-zero exit instead of a traceback.
 
 The service also owns what spans the process's life: the idle-timeout sweep,
-the cap that keeps the select reactor below FD_SETSIZE, and the graceful
-drain on SIGTERM (stop listening, let open connections finish, abort what is
-left at the drain timeout).
+the cap that keeps the select reactor below FD_SETSIZE, the graceful drain on
+SIGTERM and SIGHUP (stop listening, let open connections finish, abort what
+is left at the drain timeout), and a SIGUSR1 that does no harm when there is
+no log file to rotate.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from echoplug._twisted import guardUNIXAccept
 from echoplug.factory import EchoFactory
 from echoplug.logs import formatAddress
 
@@ -156,6 +158,9 @@ class Listener(Service):
     def _listening(self, port: IListeningPort) -> None:
         from twisted.internet import reactor
 
+        # A UNIX client bound to a 4-character name would make Twisted's
+        # accept loop raise (a traceback per connection): see _twisted.py.
+        guardUNIXAccept(port)
         self.port = port
         name = reactorName(reactor)
         self.log.info(
@@ -218,9 +223,10 @@ class EchoService(MultiService):
     """
 
     log = Logger()
-    #: The sweep runs this many times per idle timeout, so a connection is
+    #: The sweep runs this many times per idle timeout, each over a share of
+    #: the connections, so that each is checked every half timeout and
     #: closed after between 1 and 1.5 timeouts without traffic.
-    sweepsPerTimeout = 4
+    sweepsPerTimeout = 16
 
     def __init__(
         self,
@@ -304,12 +310,16 @@ class EchoService(MultiService):
     def startService(self) -> None:
         self._draining = None
         super().startService()
+        # After the reactor has installed its own handlers (SIGTERM, SIGINT).
+        self.reactor.callWhenRunning(self._handleSignals)
         timeout = self.factory.idleTimeout
         if timeout:
             self._sweeper = task.LoopingCall(self.factory.sweepIdle)
             self._sweeper.clock = self.reactor
             # Never more often than 20 times a second, however short the timeout.
-            self._sweeper.start(max(timeout / self.sweepsPerTimeout, 0.05), now=False)
+            interval = max(timeout / self.sweepsPerTimeout, 0.05)
+            self.factory.setSweeps(round(timeout / interval))
+            self._sweeper.start(interval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -352,14 +362,51 @@ class EchoService(MultiService):
         self._drainTimer = None
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self.factory.bound is not None:
+            self.factory.bound.stop()
         d = self._draining
         if d is not None and not d.called:
             d.callback(None)
 
+    def _handleSignals(self) -> None:
+        """
+        SIGHUP and SIGUSR1, whose default action is to end the process at
+        once, without a drain, get handlers, where nobody else has one:
+
+          - SIGHUP drains, as SIGTERM does. It comes from a terminal that
+            went away (a foreground twistd -n whose ssh session dropped, a
+            closed tmux pane) or from an operator; either way the process is
+            meant to end, and its clients deserve the drain. A server that
+            outlived its terminal would write its log to a dead tty; run it
+            under nohup (SIGHUP ignored, and left ignored) to keep it.
+          - SIGUSR1 rotates twistd's log file (C{-l FILE}, or twistd.log for
+            a daemon: twistd's own handler, left in place). Logging to stdout
+            or syslog there is nothing to rotate: one log line, nothing else.
+
+        Only where the reactor installed its own handlers (twistd does; a
+        test runner driving the reactor does not), and only for a signal at
+        its default: an ignored or handled one is left as it is.
+        """
+        if signal.getsignal(signal.SIGTERM) != getattr(self.reactor, "sigTerm", None):
+            return
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, self._sigHup)
+        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            signal.signal(signal.SIGUSR1, self._sigUsr1)
+
+    def _sigHup(self, number: int, frame: object) -> None:
+        self.reactor.callFromThread(self.log.info, "Received SIGHUP, shutting down.")
+        self.reactor.callFromThread(self.reactor.stop)
+
+    def _sigUsr1(self, number: int, frame: object) -> None:
+        self.reactor.callFromThread(
+            self.log.info, "Received SIGUSR1: no log file to rotate (the log goes to "
+            "stdout or syslog); ignored")
+
     def _hurryOnSignals(self) -> None:
         """
-        Once shutdown has begun, a second SIGTERM or SIGINT ends the drain at
-        once. Twisted's own handler would call reactor.stop() again, which
+        Once shutdown has begun, a second SIGTERM, SIGINT or SIGHUP ends the
+        drain at once. Twisted's own handler would call reactor.stop() again, which
         raises ReactorNotRunning and logs a traceback.
         """
         def hurry(number: int, frame: object) -> None:
@@ -367,6 +414,8 @@ class EchoService(MultiService):
 
         # Only where the reactor installed its own handlers (twistd does;
         # a test runner driving the reactor does not): leave others alone.
-        for sig, theirs in ((signal.SIGTERM, "sigTerm"), (signal.SIGINT, "sigInt")):
-            if signal.getsignal(sig) == getattr(self.reactor, theirs, None):
+        for sig, theirs in ((signal.SIGTERM, getattr(self.reactor, "sigTerm", None)),
+                            (signal.SIGINT, getattr(self.reactor, "sigInt", None)),
+                            (signal.SIGHUP, self._sigHup)):
+            if signal.getsignal(sig) == theirs:
                 signal.signal(sig, hurry)

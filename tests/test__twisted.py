@@ -231,3 +231,122 @@ def test_epoll_reactor_reads_through_its_poller() -> None:
     assert "primary.add(fd)" in source
     assert "reader, self._reads, self._writes, self._selectables, EPOLLIN, EPOLLOUT" in (
         inspect.getsource(epollreactor.EPollReactor.addReader))
+
+
+def test_guard_keeps_a_shared_unix_port_shared() -> None:
+    """A worker's adopted UNIX port is guarded too, and stays a SharedUNIXPort."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        port = _twisted.SharedUNIXPort(b"/nonexistent/x.sock", None)
+        port.socket = s
+        _twisted.guardUNIXAccept(port)
+        assert type(port) is _twisted.GuardedSharedUNIXPort
+        assert isinstance(port, _twisted.SharedUNIXPort) and port._shouldShutdown is False
+        assert type(port.socket) is _twisted._GuardedAccept
+
+
+# UNIX listeners: the 4-item address test in tcp.Port.doRead.
+
+
+def test_pinned_accept_loop_takes_four_items_for_ipv6() -> None:
+    """
+    guardUNIXAccept rests on doRead taking the peer's address from
+    listener.accept() (through tcp._accept), testing len(addr) == 4, and
+    handing it on only to _buildAddr and the transport class.
+    """
+    source = inspect.getsource(tcp.Port.doRead)
+    assert "if len(addr) == 4:" in source
+    assert "self.factory.buildProtocol(self._buildAddr(addr))" in source
+    assert "skt, protocol, addr, self, s, self.reactor" in source
+    assert source.count("addr") == 7  # no other use of the address
+    assert "self.socket, _reservedFD" in source
+    assert "listener.accept()" in inspect.getsource(tcp._accept)
+    assert unix.Port.transport is unix.Server
+    assert issubclass(unix.Port, tcp.Port) and "doRead" not in unix.Port.__dict__
+
+
+def test_guarded_accept_wraps_only_four_character_names(tmp_path) -> None:
+    import socket
+
+    path = str(tmp_path / "l.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        guarded = _twisted._GuardedAccept(listener)
+        assert guarded.getsockname() == path  # everything else passes through
+        for name in ("\0abc", "\0abcde"):
+            with socket.socket(socket.AF_UNIX) as c:
+                c.bind(name)
+                c.connect(path)
+                skt, addr = guarded.accept()
+                skt.close()
+                port = _twisted.GuardedUNIXPort(path.encode(), None)
+                assert port._buildAddr(addr).name == name.encode()
+                if len(name) == 4:
+                    assert len(addr) == 1
+
+
+def test_guard_leaves_other_ports_alone() -> None:
+    port = unix.Port(b"/nonexistent/x.sock", None)
+    _twisted.guardUNIXAccept(port)  # not listening: no socket to wrap
+    assert type(port) is unix.Port
+
+    class Other:
+        socket = object()
+
+    other = Other()
+    _twisted.guardUNIXAccept(other)
+    assert type(other) is Other and type(other.socket) is object
+
+
+# The buffer bound: bufferSize, producerPaused, endpoint arguments.
+
+
+def test_pinned_buffer_size_is_read_size_and_pause_threshold() -> None:
+    """setReadSize rests on bufferSize being both, looked up on the instance."""
+    assert "self.socket.recv(self.bufferSize)" in inspect.getsource(tcp.Connection.doRead)
+    assert "> self.bufferSize" in inspect.getsource(FileDescriptor._isSendBufferFull)
+    assert "self._maybePauseProducer()" in inspect.getsource(FileDescriptor.write)
+    assert _twisted.DEFAULT_BUFFER_SIZE == FileDescriptor.bufferSize == 65536
+
+
+def test_pinned_drain_resumes_a_producer_marked_paused() -> None:
+    """watchDrain rests on doWrite resuming a streaming producer on this flag alone."""
+    source = inspect.getsource(FileDescriptor.doWrite)
+    assert "(not self.streamingProducer) or self.producerPaused" in source
+    assert "self.producerPaused = False\n                self.producer.resumeProducing()" in (
+        source)
+
+
+def test_endpoint_arguments() -> None:
+    assert _twisted.endpointArguments("unix:/x\\:y.sock:mode=600") == (
+        ["unix", "/x:y.sock"], {"mode": "600"})
+    assert _twisted.endpointArguments("tcp:port=1:backlog=9") == (
+        ["tcp"], {"port": "1", "backlog": "9"})
+
+
+# Endpoint descriptions: the udp: and systemd-udp: forms.
+
+
+def test_pinned_endpoint_description_split() -> None:
+    assert _twisted.endpointArguments(r"udp:7:interface=\:\:1") == (
+        ["udp", "7"], {"interface": "::1"})
+    assert _twisted.endpointArguments("systemd-udp:name=a\\:b") == (
+        ["systemd-udp"], {"name": "a:b"})
+
+
+def test_pinned_systemd_descriptor(monkeypatch) -> None:
+    """The systemd: parser's descriptors (read once, at import) and the endpoint's fileno."""
+    from twisted.internet import endpoints
+    from twisted.python.systemd import ListenFDs
+
+    assert isinstance(endpoints._SystemdParser._sddaemon, ListenFDs)
+    monkeypatch.setattr(endpoints._SystemdParser, "_sddaemon",
+                        ListenFDs([7, 8], ("echoplug", "echoplug-udp")))
+    assert _twisted.systemdDescriptor(reactor, "name=echoplug-udp") == 8
+    assert _twisted.systemdDescriptor(reactor, "index=0") == 7
+    with pytest.raises(KeyError):
+        _twisted.systemdDescriptor(reactor, "name=other")
+    with pytest.raises(IndexError):
+        _twisted.systemdDescriptor(reactor, "index=2")

@@ -41,6 +41,9 @@ def readCsv(path) -> list[dict[str, str]]:
     (["--server-args", "'unclosed"], "--server-args: No closing quotation"),
     (["--no-echoplug"], "nothing to measure"),
     (["--replot", "--out", "nowhere"], "cannot read nowhere/results.csv"),
+    (["--workload", "udp", "--load", "twisted"], "only the C load client sends datagrams"),
+    (["--workload", "udp", "--idle", "0,10"], "a UDP server has no idle connections"),
+    (["--workload", "udp", "--peer", "wire-echo"], "wire-echo is TCP only"),
 ])
 def test_bad_options_are_one_line(args, why, tmp_path) -> None:
     done = runBench(*args, cwd=tmp_path)
@@ -144,7 +147,7 @@ def test_server_args_variants_measured_in_turns(tmp_path) -> None:
     # Each variant ran with its own arguments: only the default one logged
     # an access line per connection.
     logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
-    assert sum("bytes echoed" in text for text in logs.values()) == 1, list(logs)
+    assert sum("bytes received" in text for text in logs.values()) == 1, list(logs)
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -236,3 +239,27 @@ def test_workers_sweep(tmp_path) -> None:
     assert [(r["server"], r["status"]) for r in rows] == [
         ("echoplug-w1", "ok"), ("echoplug-w2", "ok")], rows
     assert all(float(r["cpu_us_per_msg"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_tiny_udp_sweep(tmp_path) -> None:
+    peers = ["--peer", "asyncio"] + (["--peer", "c-epoll"] if cbuild.compiler() else [])
+    done = runBench("--workload", "udp", "--reactors", "epoll", "--connections", "2",
+                    "--size", "2000", "--duration", "0.5", "--warmup", "0.2", "--repeat", "1",
+                    *peers, "--no-plots", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {(r["server"], r["reactor"]): r for r in readCsv(tmp_path / "out" / "results.csv")}
+    assert ("echoplug", "epoll") in rows and ("asyncio", "stdlib") in rows
+    for row in rows.values():
+        assert (row["workload"], row["idle"], row["size"]) == ("udp", "0", "2000")
+        assert row["status"] == "ok", row
+        assert float(row["cpu_us_per_msg"]) > 0
+
+
+def test_udp_defaults_keep_the_guards_on() -> None:
+    options = bench.parseArgs(["--workload", "udp"])
+    assert (options.idle, options.size) == ([0], [64, 1024])
+    args = options.server_args
+    assert args[args.index("--udp-rate") + 1] == "1000000000"  # on, and never reached
+    assert args[args.index("--udp-rate-total") + 1] == "1000000000"
+    assert "--udp-allow-low-ports" not in args

@@ -6,9 +6,11 @@ checked, against real servers on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,7 +95,8 @@ def test_churn_against_echoplug(cload: Path, tmp_path: Path) -> None:
     with twistd(None, cwd=tmp_path) as server:
         rc, result, _ = run(cload, "--port", str(server.port), "--workload", "churn",
                             "--connections", "2", "--duration", "0.3", "--warmup", "0.1")
-        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 64 bytes echoed, closed")
+        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                       r"64 bytes received, 64 bytes sent, closed")
     assert rc == 0, result
     assert result["workload"] == "churn"
     assert result["messages"] > 0
@@ -170,11 +173,11 @@ def test_sync_protocol(cload: Path, tmp_path: Path) -> None:
             result = json.loads(proc.stdout.readline())
             assert result["error"] is None and result["messages"] > 0
             # Held open: the server has logged no close yet.
-            assert "bytes echoed" not in server.output()
+            assert "bytes received" not in server.output()
             proc.stdin.write("quit\n")
             proc.stdin.flush()
             assert proc.wait(10) == 0
-            server.waitFor("bytes echoed")
+            server.waitFor("bytes received")
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -201,3 +204,79 @@ def test_sync_stdin_closed_before_go(cload: Path) -> None:
     assert done.returncode == 1
     *_, last = done.stdout.splitlines()
     assert json.loads(last)["error"] == "stdin closed before 'go'"
+
+
+# The udp workload.
+
+
+@contextlib.contextmanager
+def datagramServer(answer):
+    """A UDP server on loopback that sends back C{answer(n, data)} (or nothing)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(1 << 16)
+            except OSError:
+                continue
+            n += 1
+            reply = answer(n, data)
+            if reply is not None:
+                sock.sendto(reply, addr)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@pytest.mark.slow
+def test_udp_against_echoplug(cload: Path, tmp_path: Path) -> None:
+    with twistd("epoll", "--port", "udp:0", "--udp-rate", "1000000", "--udp-rate-total",
+                "1000000", "--log-level", "info", cwd=tmp_path) as server:
+        rc, result, err = run(cload, "--port", str(server.port), "--workload", "udp",
+                              "--connections", "8", "--size", "8193", "--duration", "0.5",
+                              "--warmup", "0.1")
+    assert (rc, err) == (0, ""), result
+    assert result["error"] is None and result["inWindow"] > 0
+    assert result["resent"] == 0
+
+
+def test_udp_resends_a_lost_datagram(cload: Path) -> None:
+    with datagramServer(lambda n, data: None if n == 3 else data) as port:
+        rc, result, _ = run(cload, "--port", str(port), "--workload", "udp",
+                            "--duration", "0.6", "--warmup", "0")
+    assert rc == 0, result
+    assert result["resent"] == 1
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    (lambda n, data: data[:-1] + bytes([data[-1] ^ 1]), "echo mismatch on a 64-byte datagram"),
+    (lambda n, data: data[:-1], "(63 bytes came back)"),
+    (lambda n, data: data + b"!", "(65 bytes came back)"),
+])
+def test_udp_wrong_echo_fails_the_run(cload: Path, answer, why: str) -> None:
+    with datagramServer(answer) as port:
+        rc, result, _ = run(cload, "--port", str(port), "--workload", "udp",
+                            "--duration", "0.3", "--warmup", "0.1")
+    assert rc == 1
+    assert why in result["error"]
+
+
+def test_udp_nothing_listening(cload: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, result, _ = run(cload, "--port", str(port), "--workload", "udp", "--duration", "0.3",
+                        "--warmup", "0")
+    assert rc == 1
+    assert "datagram lost: Connection refused" in result["error"]

@@ -30,7 +30,9 @@ from tests.support import (
 )
 
 DEPLOY = ROOT / "docs" / "deploy"
-UNITS = ["echoplug.socket", "echoplug.service"]
+UNITS = ["echoplug.socket", "echoplug.service", "echoplug-udp.socket"]
+#: Drop-ins: systemd-analyze reads them beside the unit they extend.
+DROPINS = ["echoplug.service.d/udp.conf"]
 ACTIVATE = shutil.which("systemd-socket-activate")
 ANALYZE = shutil.which("systemd-analyze")
 needsActivate = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate missing "
@@ -47,12 +49,14 @@ def installUnits(target: Path) -> list[Path]:
     exist on a test machine. Nothing else is changed.
     """
     copies = []
-    for name in UNITS:
+    for name in UNITS + DROPINS:
         text = (DEPLOY / name).read_text()
         text = text.replace("/opt/echoplug/bin/twistd", twistdCommand()[0])
         copy = target / name
+        copy.parent.mkdir(exist_ok=True)
         copy.write_text(text)
-        copies.append(copy)
+        if name in UNITS:
+            copies.append(copy)
     return copies
 
 
@@ -92,6 +96,18 @@ def test_verify_catches_a_typo(tmp_path) -> None:
 
 @pytest.mark.slow
 @needsAnalyze
+def test_verify_reads_the_udp_dropin(tmp_path) -> None:
+    """The drop-in is checked too: a misspelt key in it is a warning."""
+    copies = installUnits(tmp_path)
+    dropin = tmp_path / DROPINS[0]
+    dropin.write_text(dropin.read_text().replace("Sockets=", "Socketz="))
+    result = subprocess.run([ANALYZE, "verify", "--man=no", *map(str, copies)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "Socketz" in result.stderr
+
+
+@pytest.mark.slow
+@needsAnalyze
 def test_security_exposure_is_low(tmp_path) -> None:
     service = installUnits(tmp_path)[1]
     result = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(service)],
@@ -126,6 +142,25 @@ def test_units_say_what_the_issue_asks() -> None:
     # Longer than the drain of open connections on SIGTERM, with a margin
     # for the aborts at its end and the exit.
     assert int(service["TimeoutStopSec"][0].rstrip("s")) >= options["drain-timeout"] + 5
+
+
+def test_udp_units_say_what_the_issue_asks() -> None:
+    socket_ = unitSettings("echoplug-udp.socket")
+    dropin = unitSettings(DROPINS[0])
+    assert socket_["ListenDatagram"] == ["127.0.0.1:10000"]
+    assert socket_["FileDescriptorName"] == ["echoplug-udp"]
+    assert socket_["Service"] == ["echoplug.service"]
+    assert dropin["Sockets"] == ["echoplug.socket echoplug-udp.socket"]
+    reset, execStart = dropin["ExecStart"]
+    assert reset == ""
+    argv = execStart.split()
+    assert argv[3:] == [
+        "echoplug", "--port", "systemd:domain=INET:name=echoplug",
+        "--port", "systemd-udp:name=echoplug-udp", "--drain-timeout", "5",
+    ]
+    # The same twistd options as the unit's own ExecStart.
+    (own,) = unitSettings("echoplug.service")["ExecStart"]
+    assert own.split()[:3] == argv[:3]
 
 
 def test_units_parse_as_ini() -> None:
@@ -167,7 +202,8 @@ def test_socket_activation_echoes(tmp_path, endpoint: str) -> None:
         server.waitFor(rf"listening on 127\.0\.0\.1:{port}, reactor=")
         receiver.waitFor("READY=1")
         assert echoHalfClose(port, [b"again"]) == b"again"
-        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 5 bytes echoed, closed")
+        server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                       r"5 bytes received, 5 bytes sent, closed")
         # twistd replaced systemd-socket-activate (exec), so this stops twistd.
         assert server.stop() in (0, -15)
         receiver.waitFor("STOPPING=1")
@@ -208,7 +244,7 @@ def test_under_twist_with_text_logs(tmp_path) -> None:
     try:
         receiver.waitFor("READY=1")
         assert echoHalfClose(port, [b"under twist"]) == b"under twist"
-        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 11 bytes echoed")
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 11 bytes received")
         assert not line.string.lstrip().startswith("{")
         assert server.stop() in (0, -15)
         receiver.waitFor("STOPPING=1")
@@ -241,3 +277,70 @@ def test_socket_activation_two_addresses_by_index(tmp_path) -> None:
     finally:
         server.stop()
     assert "Traceback" not in server.output()
+
+
+def activateDatagram(tmp_path: Path, port: int, endpoint: str, fdname: str = "echoplug-udp"):
+    """L{activate} for a UDP socket: twistd starts at the first datagram."""
+    argv = [ACTIVATE, "--datagram", "-l", f"127.0.0.1:{port}", f"--fdname={fdname}",
+            "-E", "PYTHONPATH", *twistdCommand(), "-n", "--pidfile=", "echoplug",
+            "--port", endpoint]
+    return startProcess(argv, tmp_path)
+
+
+@pytest.mark.slow
+@needsActivate
+@pytest.mark.parametrize("endpoint", ["systemd-udp:name=echoplug-udp", "systemd-udp:index=0",
+                                      "systemd-udp:domain=INET:name=echoplug-udp"])
+def test_socket_activation_of_a_datagram_socket(tmp_path, endpoint: str) -> None:
+    port = freePort(socket.SOCK_DGRAM)
+    server = activateDatagram(tmp_path, port, endpoint)
+    try:
+        server.waitFor(rf"Listening on 127\.0\.0\.1:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(30)
+            # The first datagram starts twistd and waits in the socket for it.
+            big = b"activated by the service manager\n" * 1000  # over 8192 bytes
+            s.sendto(big, ("127.0.0.1", port))
+            assert s.recv(1 << 17) == big
+            server.waitFor(rf"listening on 127\.0\.0\.1:{port}, reactor=\S+ \(\w+\), UDP")
+            s.sendto(b"again", ("127.0.0.1", port))
+            assert s.recv(100) == b"again"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+@needsActivate
+@pytest.mark.parametrize("endpoint, message", [
+    ("systemd-udp:name=other", "--port systemd-udp:name=other: no such socket was passed"),
+    ("systemd-udp:domain=INET6:index=0", "is not domain=INET6"),
+])
+def test_socket_activation_of_the_wrong_datagram_socket_is_one_line(
+        tmp_path, endpoint: str, message: str) -> None:
+    port = freePort(socket.SOCK_DGRAM)
+    server = activateDatagram(tmp_path, port, endpoint)
+    try:
+        server.waitFor(rf"Listening on 127\.0\.0\.1:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"start", ("127.0.0.1", port))
+        assert server.proc.wait(30) != 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+    assert message in server.output()
+
+
+@pytest.mark.slow
+@needsActivate
+def test_stream_socket_given_to_systemd_udp_is_one_line(tmp_path) -> None:
+    port = freePort()
+    server = activate(tmp_path, port, "systemd-udp:name=echoplug", {})
+    try:
+        server.waitFor(rf"Listening on 127\.0\.0\.1:{port}")
+        connect(port).close()
+        assert server.proc.wait(30) != 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+    assert "is not a UDP socket (ListenDatagram=)" in server.output()

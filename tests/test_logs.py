@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from echoplug.logs import (
     ClassicText,
     JSONLinesObserver,
     LogLine,
+    escape,
     formatAddress,
     makeObserver,
     textObserver,
@@ -57,6 +62,44 @@ def test_format_address() -> None:
     assert formatAddress(IPv6Address("TCP", "::1", 80)) == "[::1]:80"
     assert formatAddress(UNIXAddress(b"/run/e.sock")) == "/run/e.sock"
     assert formatAddress(UNIXAddress(None)) == "unix"
+    assert formatAddress(UNIXAddress(b"\0abstract")) == "@abstract"
+    assert formatAddress(UNIXAddress(b"/x\nclose 1.2.3.4:5\x1b[31m\xff\\")) == (
+        "/x\\nclose 1.2.3.4:5\\x1b[31m\\xff\\\\")
+    assert formatAddress(UNIXAddress("/x\u2028y\x00")) == "/x\\u2028y\\x00"
+
+
+#: What may never reach a log raw: control characters (C0, DEL, C1) and the
+#: Unicode line and paragraph separators.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@given(st.text())
+def test_escape_leaves_one_safe_line(text: str) -> None:
+    escaped = escape(text)
+    assert not UNSAFE.search(escaped)
+    # Nothing else changes: printable text without backslashes is kept.
+    if not UNSAFE.search(text) and "\\" not in text and not re.search(
+            "[\udc80-\udcff\u202a-\u202e\u2066-\u2069]", text):
+        assert escaped == text
+
+
+@given(st.text(), st.text())
+def test_escape_is_unambiguous(a: str, b: str) -> None:
+    if a != b:
+        assert escape(a) != escape(b)
+
+
+def test_json_escapes_what_a_field_carries() -> None:
+    out = io.StringIO()
+    evil = "a\u2028b\u2029c\x1bd\x85e\x00f\né"
+    Logger(namespace="t", observer=makeObserver("json", "info", out)).info(
+        "got {thing}", thing=evil)
+    line = out.getvalue()
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert not UNSAFE.search(line[:-1])
+    assert not re.search("[^\x20-\x7e]", line[:-1])  # ASCII only
+    event = json.loads(line)
+    assert event["thing"] == evil and event["message"] == f"got {evil}"
 
 
 def test_level_filter_and_json() -> None:
@@ -89,7 +132,8 @@ def test_access_line_and_debug_open(tmp_path) -> None:
             s.sendall(b"abc")
             assert s.recv(3) == b"abc"
         server.waitFor(r"open 127\.0\.0\.1:\d+")
-        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, 3 bytes echoed, closed")
+        line = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, "
+                              r"3 bytes received, 3 bytes sent, closed")
         assert line
 
 
@@ -100,7 +144,7 @@ def test_default_level_hides_debug(tmp_path) -> None:
             s.sendall(b"abcd")
             s.shutdown(1)  # SHUT_WR
             assert recvAll(s) == b"abcd"
-        server.waitFor(r"close .* 4 bytes echoed")
+        server.waitFor(r"close .* 4 bytes received, 4 bytes sent")
     assert " open 127.0.0.1" not in server.output()
 
 
@@ -110,7 +154,7 @@ def test_warn_level_hides_access_line(tmp_path) -> None:
         with connect(server.port) as s:
             s.sendall(b"abcd")
             assert s.recv(4) == b"abcd"
-    assert "bytes echoed" not in server.output()
+    assert "bytes received" not in server.output()
 
 
 @pytest.mark.slow
@@ -119,13 +163,14 @@ def test_json_format_through_twistd(tmp_path) -> None:
         with connect(server.port) as s:
             s.sendall(b"abcde")
             assert s.recv(5) == b"abcde"
-        server.waitFor(r'"bytes": 5')
+        server.waitFor(r'"received": 5')
     events = [json.loads(line) for line in server.lines if line.startswith("{")]
     assert events, server.output()
-    closes = [e for e in events if e.get("bytes") == 5]
+    closes = [e for e in events if e.get("received") == 5]
     assert closes and closes[0]["level"] == "info"
     assert closes[0]["peer"].startswith("127.0.0.1:")
-    assert "5 bytes echoed" in closes[0]["message"]
+    assert closes[0]["sent"] == 5
+    assert "5 bytes received, 5 bytes sent" in closes[0]["message"]
     assert closes[0]["namespace"].startswith("echoplug")
 
 
@@ -147,8 +192,9 @@ class Source:
 
 
 LINES = [
-    ("close {peer} after {duration:.3f}s, {bytes} bytes echoed, {why}",
-     {"peer": "[::1]:5", "duration": 0.0123456, "bytes": 10**12, "why": "idle timeout"}),
+    ("close {peer} after {duration:.3f}s, {received} bytes received, {sent} bytes sent, {why}",
+     {"peer": "[::1]:5", "duration": 0.0123456, "received": 10**12, "sent": 10**12 - 1,
+      "why": "idle timeout"}),
     ("open {peer}", {"peer": "/run/echo.sock"}),
     ("{a!r} {a!s} {a} {a:>6} {b:08.2f} {{literal}}", {"a": "x'y", "b": -1.5}),
     ("no fields at all", {}),
@@ -274,13 +320,50 @@ def test_access_line_goes_to_twistds_logfile(tmp_path: Path, options: list[str])
             assert recvAll(s, 3) == b"abc"
         log = tmp_path / "echo.log"
         deadline = time.monotonic() + 10
-        while "3 bytes echoed" not in log.read_text() and time.monotonic() < deadline:
+        while "3 bytes received" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         text = log.read_text()
-        assert "3 bytes echoed" in text
+        assert "3 bytes received, 3 bytes sent" in text
         assert "listening on 127.0.0.1" in text
         if "debug" in options:
             assert "open 127.0.0.1:" in text
     finally:
         server.stop()
-    assert "bytes echoed" not in server.output()
+    assert "bytes received" not in server.output()
+
+
+EVIL = "x\nclose 6.6.6.6:1 after 0.001s, 1 bytes received, closed\r\x1b[31m\u2028!"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("abstract", [False, True])
+def test_a_unix_peer_cannot_forge_log_lines(tmp_path: Path, fmt: str, abstract: bool) -> None:
+    """
+    A UNIX client names itself: the path it binds is the logged peer. Its
+    newlines, CRs, ESCs, NULs and U+2028 reach neither log format raw.
+    """
+    short = Path(tempfile.mkdtemp(prefix="ep", dir="/tmp"))  # sun_path: 108 bytes
+    path = tmp_path / "echo.sock"
+    with twistd(None, "--port", f"unix:{path}", "--log-level", "debug", "--log-format", fmt,
+                cwd=tmp_path, wait=False) as server:
+        server.waitFor(r"listening on")
+        name: str | bytes = ("\0" + EVIL + "\0nul").encode() if abstract else str(short / EVIL)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(name)
+            s.connect(str(path))
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        server.waitFor("bytes sent")
+    out = server.output()
+    assert not UNSAFE.search(out.replace("\n", ""))
+    assert "6.6.6.6" in out  # the forged text is there, escaped, inside the real line
+    forged = [line for line in server.lines if "6.6.6.6" in line]
+    assert len(forged) == 2  # open and close, each one line
+    shutil.rmtree(short)
+    expected = ("@" + escape(EVIL) + "\\x00nul") if abstract else escape(str(short / EVIL))
+    for line in forged:
+        if fmt == "json":
+            assert json.loads(line)["peer"] == expected
+        else:
+            assert expected in line

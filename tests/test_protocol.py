@@ -42,11 +42,20 @@ def test_any_bytes_any_chunking(chunks: list[bytes]) -> None:
     assert transport.value() == b"".join(chunks)
 
 
-def test_transport_is_its_own_streaming_producer() -> None:
-    """Backpressure: the transport pauses its own reading when its buffer fills."""
-    _, transport = connected()
-    assert transport.producer is transport
+def test_protocol_is_the_transports_streaming_producer() -> None:
+    """
+    Backpressure: the transport pauses the protocol when its buffer fills,
+    and the protocol stops the transport reading; resumed, it reads again.
+    """
+    proto, transport = connected()
+    assert transport.producer is proto
     assert transport.streaming is True
+    proto.pauseProducing()
+    assert transport.producerState == "paused"
+    proto.resumeProducing()
+    assert transport.producerState == "producing"
+    proto.stopProducing()  # the connection is going: nothing to do
+    assert not transport.disconnecting
 
 
 def test_half_close_unregisters_then_closes() -> None:
@@ -65,7 +74,6 @@ def test_factory_tracks_connections() -> None:
     assert factory.connections == {proto}
     assert factory.accepted == 1
     proto.dataReceived(b"12345")
-    assert factory.openBytes() == 5
     proto.connectionLost(Failure(ConnectionDone()))
     assert factory.connections == set()
     assert factory.bytesEchoed == 5

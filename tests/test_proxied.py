@@ -81,7 +81,7 @@ def test_header_names_the_peer_and_is_never_echoed() -> None:
         proto.connectionLost(Failure(ConnectionDone()))
     assert closeLines(events) == [
         f"close 192.0.2.1:4242 via 127.0.0.1:5678 after {events[-1]['duration']:.3f}s, "
-        "5 bytes echoed, closed"]
+        "5 bytes received, 5 bytes sent, closed"]
     assert factory.bytesEchoed == 5
 
 
@@ -234,7 +234,7 @@ def test_16_mib_through_proxy_v2_then_half_close(tmp_path) -> None:
             echoed = halfCloseOn(s, [header, *chunks], timeout=60)
         assert echoed == data
         server.waitFor(rf"close 203\.0\.113\.7:40000 via 127\.0\.0\.1:{local[1]} after "
-                       rf"[\d.]+s, {len(data)} bytes echoed, closed")
+                       rf"[\d.]+s, {len(data)} bytes received, {len(data)} bytes sent, closed")
 
 
 def unserved(s: socket.socket) -> bool:

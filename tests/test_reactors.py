@@ -157,7 +157,7 @@ def test_access_log_unchanged_on_lean_reactor(tmp_path) -> None:
             s.sendall(b"abc")
             assert s.recv(10) == b"abc"
         m = server.waitFor(r"\[(\S+)\] close 127\.0\.0\.1:\d+ after \d+\.\d{3}s, "
-                           r"3 bytes echoed, closed")
+                           r"3 bytes received, 3 bytes sent, closed")
         assert m[1] == "echoplug.factory.EchoFactory#info"
 
 

@@ -157,3 +157,47 @@ def test_tree_cpu_counts_children_alive_and_reaped() -> None:
         proc.wait()
     with pytest.raises(OSError):
         procs.treeCpuSeconds(proc.pid)
+
+
+# The udp workload's servers.
+
+
+def datagramEcho(port: int, data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(data, ("127.0.0.1", port))
+        return s.recv(1 << 17)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "reactor"), [
+    ("echoplug", "poll"),
+    ("asyncio", "stdlib"),
+    pytest.param("c-epoll", "C", marks=pytest.mark.skipif(not HAVE_CC, reason="no cc")),
+    pytest.param("uvloop", "uvloop",
+                 marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop not installed")),
+])
+def test_each_kind_serves_udp(kind, reactor, tmp_path) -> None:
+    server = servers.start(kind, reactor, tmp_path, transport="udp")
+    try:
+        payload = bytes(range(256)) * 200  # over Twisted's default of 8192
+        assert datagramEcho(server.port, payload) == payload
+        assert server.alive()
+        if kind != "c-epoll":
+            assert server.cpuSeconds() > 0
+        assert "UDP" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_wire_echo_has_no_udp(tmp_path) -> None:
+    with pytest.raises(ServerError, match="wire-echo has no UDP echo"):
+        servers.spawn("wire-echo", "epoll", tmp_path, transport="udp")
+
+
+def test_waiting_for_a_udp_echo_that_never_comes() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))  # bound, never answering
+        with pytest.raises(TimeoutError, match="no UDP echo"):
+            procs.waitForUDPEcho(s.getsockname()[1], timeout=0.5)
+    assert procs.waitForUDPEcho(1, timeout=5, alive=lambda: False) is False

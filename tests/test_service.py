@@ -15,6 +15,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -33,11 +34,13 @@ from tests.support import (
     REACTORS,
     Server,
     connect,
+    freePort,
     recvAll,
     served,
     startProcess,
     twistd,
     twistdCommand,
+    waitForPort,
 )
 
 
@@ -180,6 +183,95 @@ def test_second_signal_ends_the_drain_without_traceback(tmp_path, reactorName: s
     out = server.output()
     assert "second signal: closed 1 connection(s)" in out
     assert "Traceback" not in out and "ReactorNotRunning" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reactorName", ["epoll", "asyncio", "select"])
+def test_sigusr1_logging_to_stdout_does_no_harm(tmp_path, reactorName: str) -> None:
+    """Under -n the log is stdout: SIGUSR1 (log rotation) has nothing to rotate."""
+    with twistd(reactorName, cwd=tmp_path) as server:
+        with connect(server.port) as s:
+            assert served(s)  # the reactor runs: its handlers, and echoplug's, are in
+            for _ in range(3):
+                server.proc.send_signal(signal.SIGUSR1)
+            server.waitFor("Received SIGUSR1: no log file to rotate")
+            assert served(s)
+        assert server.proc.poll() is None
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_sigusr1_still_rotates_a_log_file(tmp_path) -> None:
+    """With -l FILE, twistd's own handler rotates it: echoplug leaves that alone."""
+    port = freePort()
+    argv = [*twistdCommand(), "-n", "--pidfile=", "-l", "echo.log", "echoplug",
+            "--port", f"tcp:{port}:interface=127.0.0.1"]
+    server = startProcess(argv, tmp_path)
+    try:
+        waitForPort(server, port)
+        with connect(port) as s:
+            assert served(s)
+        server.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "echo.log.1").exists():
+            assert time.monotonic() < deadline, "not rotated"
+            time.sleep(0.05)
+        with connect(port) as s:
+            assert served(s)
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    assert "no log file to rotate" not in (tmp_path / "echo.log.1").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reactorName", ["epoll", "asyncio", "select"])
+def test_sighup_drains_like_sigterm(tmp_path, reactorName: str) -> None:
+    with twistd(reactorName, "--drain-timeout", "30", cwd=tmp_path) as server:
+        client = connect(server.port)
+        assert served(client)
+        server.proc.send_signal(signal.SIGHUP)
+        server.waitFor("Received SIGHUP, shutting down")
+        server.waitFor(r"stopped listening; draining 1 connection\(s\), at most 30s")
+        assert refusesConnections(server.port)
+        # The open connection still echoes, and its half-close completes.
+        client.sendall(b"last words")
+        client.shutdown(socket.SHUT_WR)
+        assert recvAll(client) == b"last words"
+        assert server.proc.wait(15) == 0
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_a_second_sighup_ends_the_drain(tmp_path) -> None:
+    with twistd(None, "--drain-timeout", "60", cwd=tmp_path) as server:
+        client = connect(server.port)
+        assert served(client)
+        server.proc.send_signal(signal.SIGHUP)
+        server.waitFor("draining 1 connection")
+        server.proc.send_signal(signal.SIGHUP)
+        assert server.proc.wait(15) == 0
+    assert "second signal: closed 1 connection(s)" in server.output()
+
+
+@pytest.mark.slow
+def test_an_ignored_sighup_stays_ignored(tmp_path) -> None:
+    """Under nohup (SIGHUP ignored), echoplug does not take SIGHUP back."""
+    port = freePort()
+    argv = ["nohup", *twistdCommand(), "-n", "--pidfile=", "echoplug",
+            "--port", f"tcp:{port}:interface=127.0.0.1"]
+    server = startProcess(argv, tmp_path)
+    try:
+        waitForPort(server, port)
+        with connect(port) as s:
+            assert served(s)
+            server.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert served(s)
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    assert "SIGHUP" not in server.output()
 
 
 def raiseNoFile(needed: int) -> None:
@@ -414,3 +506,120 @@ def test_caps_over_tls_close_without_traceback(tmp_path) -> None:
         assert served(first)
         server.waitFor(r"refused 127\.0\.0\.1:\d+: at --max-connections 1")
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_access_line_counts_what_a_tls_client_never_read(tmp_path) -> None:
+    """
+    A TLS client that writes and reads nothing: the access line says how
+    much was received and how much less was sent, not that all was echoed.
+    """
+    pytest.importorskip("OpenSSL", reason="the tls extra (pyOpenSSL) is not installed")
+    key, cert = selfSigned(tmp_path)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with twistd(None, "--port", f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+                "--idle-timeout", "1", cwd=tmp_path) as server:
+        raw = connect(server.port)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s = context.wrap_socket(raw)
+        s.settimeout(0.5)
+        block = b"z" * 65536
+        pushed = 0
+        end = time.monotonic() + 10
+        while pushed < 32 << 20 and time.monotonic() < end:
+            try:
+                s.sendall(block)  # until the server stops reading
+            except TimeoutError:
+                break
+            pushed += len(block)
+        m = server.waitFor(r"close 127\.0\.0\.1:\d+ after [\d.]+s, (?P<received>\d+) bytes "
+                           r"received, (?P<sent>\d+) bytes sent, idle timeout", timeout=15)
+        raw.close()
+    received, sent = int(m["received"]), int(m["sent"])
+    assert 0 < received <= pushed + len(block)
+    # What waited in the TLS layer's buffer when the connection was cut was
+    # never sent.
+    assert sent < received - 32768
+
+
+@pytest.mark.slow
+def test_unix_clients_with_four_character_names(tmp_path, monkeypatch) -> None:
+    """
+    Twisted's accept loop takes a 4-character UNIX peer name for an IPv6
+    address and raises: every such client was reset, with a traceback
+    each. The listener guards its UNIX ports, however many clients try.
+    """
+    sock = tmp_path / "echo.sock"
+    monkeypatch.chdir(tmp_path)  # the relative names bind here
+    with twistd(None, "--port", "tcp:0:interface=127.0.0.1", "--port", f"unix:{sock}",
+                cwd=tmp_path) as server:
+        names: list[str | bytes] = [f"c{i:03d}" for i in range(20)]
+        names += [f"\0a{i:02d}".encode() for i in range(20)]  # abstract: b"\0a00"
+        names += ["ab", "abcde"]  # other lengths, as before
+        for name in names:
+            with socket.socket(socket.AF_UNIX) as u:
+                u.settimeout(10)
+                u.bind(name)
+                u.connect(str(sock))
+                assert served(u), name
+        server.waitFor(r"close c019 after")
+    out = server.output()
+    assert "Traceback" not in out and "Unhandled Error" not in out
+    assert out.count(" bytes ") >= len(names)
+
+
+def completedConnects(port: int, tries: int, wait: float = 1.0) -> int:
+    """Start C{tries} connects at once; count those the kernel completes in C{wait} s."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    try:
+        for _ in range(tries):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_WRITE)
+            socks.append(s)
+        done: set[socket.socket] = set()
+        deadline = time.monotonic() + wait
+        while len(done) < tries and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                sel.unregister(s)
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    done.add(s)
+        return len(done)
+    finally:
+        for s in socks:
+            s.close()
+        sel.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("options", "queued"), [((), 300), (("--backlog", "20"), 21)])
+def test_listen_backlog(tmp_path, options: tuple[str, ...], queued: int) -> None:
+    """
+    A bare port listens with a backlog of 4096 (Twisted's default is 50):
+    with the server stopped (SIGSTOP), the kernel completes as many connects
+    as the backlog holds, plus one; the rest wait for SYN retransmits.
+    """
+    with twistd(None, "--port", "0", *options, cwd=tmp_path, wait=False) as server:
+        port = int(server.waitFor(LISTENING.pattern)["port"])
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            assert completedConnects(port, 300) == queued
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_unix_socket_file_mode(tmp_path) -> None:
+    """Owner and group may connect, others not (Twisted's default is 0666); mode= wins."""
+    default, chosen = tmp_path / "a.sock", tmp_path / "b.sock"
+    with twistd(None, "--port", f"unix:{default}", "--port", f"unix:{chosen}:mode=600",
+                cwd=tmp_path, wait=False) as server:
+        server.waitFor(rf"listening on {chosen}")
+        assert stat.S_IMODE(default.stat().st_mode) == 0o660
+        assert stat.S_IMODE(chosen.stat().st_mode) == 0o600

@@ -7,11 +7,14 @@ as separate pieces.
     echoplug under C{twistd -r R} (one or more variants of its arguments),
     and the peers: stock C{wire.Echo} under the same reactor
     (L{echoplug.lab.wireecho}), stdlib asyncio and uvloop
-    (L{echoplug.lab.asyncioecho}), a plain epoll echo in C (C{cecho.c});
+    (L{echoplug.lab.asyncioecho}), a plain epoll echo in C (C{cecho.c}); for
+    the C{udp} workload, the same kinds on UDP (the asyncio peer's
+    C{DatagramProtocol} echo, C{cudpecho.c}: epoll, C{recvfrom}, C{sendto});
   - the load clients: C{cload.c} (the default) or L{echoplug.lab.load}
     (Twisted), closed loop, one process per share of the connections; the C
     one keeps a Python server busy where the Twisted one cannot;
-  - L{echoplug.lab.cbuild}: builds C{cload.c} and C{cecho.c} on first use;
+  - L{echoplug.lab.cbuild}: builds C{cload.c}, C{cecho.c} and C{cudpecho.c}
+    on first use;
   - L{echoplug.lab.runner}: the sweep: idle connections, warm-up, the
     measured window, interleaved repeats and their medians;
   - L{echoplug.lab.report}: C{results.csv}, C{results.md} and the plots

@@ -8,6 +8,10 @@ on the stdlib event loop, whatever reactor the sweep is on, and like stock
 C{wire.Echo} it has no flow control. With C{--uvloop} the same protocol runs
 on uvloop's loop (C{--peer uvloop}), if uvloop is installed: it is not a
 dependency of echoplug, only something to measure against.
+
+With C{--udp} it serves UDP instead: the C{DatagramProtocol} echo of the
+asyncio documentation (C{datagram_received} sends the datagram back with
+C{transport.sendto}), the peer of C{echoplug-bench --workload udp}.
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
+class EchoDatagramProtocol(asyncio.DatagramProtocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)
+
+
+async def serveUDP(port: int, name: str = "stdlib") -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(EchoDatagramProtocol,
+                                                       local_addr=("127.0.0.1", port))
+    host, bound = transport.get_extra_info("sockname")[:2]
+    print(f"listening on {host}:{bound}, reactor={name} ({type(loop).__name__}), UDP",
+          flush=True)
+    await asyncio.Event().wait()  # until interrupted
+
+
 async def serve(port: int, name: str = "stdlib") -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(EchoProtocol, "127.0.0.1", port)
@@ -39,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     useUvloop = "--uvloop" in args
     if useUvloop:
         args.remove("--uvloop")
+    udp = "--udp" in args
+    if udp:
+        args.remove("--udp")
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m echoplug.lab.asyncioecho [--uvloop] PORT", file=sys.stderr)
+        print("usage: python -m echoplug.lab.asyncioecho [--uvloop] [--udp] PORT",
+              file=sys.stderr)
         return 2
     loopFactory = None
     if useUvloop:
@@ -52,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         loopFactory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loopFactory) as runner:
-            runner.run(serve(int(args[0]), "uvloop" if useUvloop else "stdlib"))
+            run = serveUDP if udp else serve
+            runner.run(run(int(args[0]), "uvloop" if useUvloop else "stdlib"))
     except OSError as e:
         print(f"asyncio echo: cannot listen on 127.0.0.1:{args[0]}: {e.strerror}",
               file=sys.stderr)

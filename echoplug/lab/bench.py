@@ -32,8 +32,13 @@ DEFAULTS = {
              "clients": 1},
     # Churn: four loops, each its own process, connect-echo-close.
     "churn": {"connections": "4", "idle": "0", "size": "64", "clients": 4},
+    # UDP: each socket keeps one datagram in flight; no idle connections.
+    "udp": {"connections": "1,10,100", "idle": "0", "size": "64,1024", "clients": 1},
 }
 SERVER_ARGS = "--log-level warn"
+#: Under the udp workload: the guards stay on (each datagram is checked and
+#: its source's bucket updated), with rates that no load here reaches.
+UDP_SERVER_ARGS = "--log-level warn --udp-rate 1000000000 --udp-rate-total 1000000000"
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,9 +111,11 @@ def parser() -> Parser:
                    help="idle connections held open during a point [0,100,1000; churn: 0]")
     p.add_argument("--size", type=intList(1), default=None,
                    help="message sizes in bytes [64,1024,16384; churn: 64]")
-    p.add_argument("--workload", choices=["load", "churn"], default="load",
+    p.add_argument("--workload", choices=["load", "churn", "udp"], default="load",
                    help="load: each connection keeps one message in flight; churn: connect, "
-                   "echo 64 B, close, measured per connection [load]")
+                   "echo 64 B, close, measured per connection; udp: each UDP socket keeps "
+                   "one datagram in flight, measured per datagram (the C load client, no "
+                   "idle connections, no wire-echo; c-epoll is a recvfrom/sendto echo) [load]")
     p.add_argument("--duration", type=positive, default=2.0,
                    help="seconds measured per run [2]")
     p.add_argument("--warmup", type=nonNegative, default=0.5,
@@ -163,7 +170,8 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in known:
             p.error(f"no such reactor: {name!r} (this machine has {', '.join(known)})")
     try:
-        variants = [shlex.split(a) for a in options.server_args or [SERVER_ARGS]]
+        default = UDP_SERVER_ARGS if options.workload == "udp" else SERVER_ARGS
+        variants = [shlex.split(a) for a in options.server_args or [default]]
     except ValueError as e:
         p.error(f"--server-args: {e}")
     # Each variant once, in the order given; the first is the sweep's own.
@@ -172,10 +180,20 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
     options.peer = list(dict.fromkeys(options.peer))
     if options.load is None:
         options.load = "c" if cbuild.compiler() is not None else "twisted"
+    if options.workload == "udp":
+        if options.load != "c":
+            p.error("--workload udp: only the C load client sends datagrams (--load c)")
+        if options.idle != [0]:
+            p.error("--workload udp: a UDP server has no idle connections (--idle 0)")
+        if "wire-echo" in options.peer:
+            p.error("--workload udp: wire-echo is TCP only")
     if not options.replot:
         # Build the C programs now: a missing compiler is one line, before any run.
         for name, wanted in (("cload", options.load == "c"),
-                             ("cecho", "c-epoll" in options.peer)):
+                             ("cecho", "c-epoll" in options.peer
+                              and options.workload != "udp"),
+                             ("cudpecho", "c-epoll" in options.peer
+                              and options.workload == "udp")):
             try:
                 if wanted:
                     cbuild.build(name)

@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
-WHAT = {"cload": "the C load client", "cecho": "the C echo peer (c-epoll)"}
+WHAT = {"cload": "the C load client", "cecho": "the C echo peer (c-epoll)",
+        "cudpecho": "the C UDP echo peer (c-epoll, --workload udp)"}
 
 
 class BuildError(Exception):

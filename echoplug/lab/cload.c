@@ -13,7 +13,10 @@
  * `load` (each connection keeps one message in flight, every echoed byte
  * checked against what was sent, rotating through 4 seeded payloads so that
  * a stale echo is caught) and `churn` (each loop connects, echoes one
- * message, closes, and starts over); with --sync it prints "ready" after the
+ * message, closes, and starts over) and `udp` (each connected UDP socket
+ * keeps one datagram in flight, checked whole; one not back within
+ * RESEND_MS is sent again, and a late duplicate is skipped); with --sync it
+ * prints "ready" after the
  * warm-up, waits for "go" on stdin, measures --duration seconds, drains what
  * is in flight, prints one JSON line and holds its sockets open until stdin
  * says "quit" or closes. --reactor is accepted and ignored.
@@ -40,6 +43,8 @@
 #define PAYLOADS 4
 #define MAX_RTTS 400000 /* RTTs kept: past this, every other one is dropped */
 #define STDIN_TAG UINT32_MAX
+#define RESEND_MS 200 /* udp: resend a datagram not echoed within this */
+#define MAX_DATAGRAM 65507
 
 typedef struct {
     int fd;
@@ -61,8 +66,8 @@ static struct {
 static unsigned char *payloads[PAYLOADS];
 static unsigned char *rbuf;
 static Conn *conns;
-static int ep, churn, measuring, sending = 1, draining, inFlight;
-static long messages, inWindow;
+static int ep, churn, udp, measuring, sending = 1, draining, inFlight;
+static long messages, inWindow, resent;
 static int32_t *rtts;
 static long nRtts, rttStride = 1, rttSkip;
 static char error[256];
@@ -108,18 +113,21 @@ static void parseArgs(int argc, char **argv) {
         else usage("unknown option");
     }
     if (opt.port <= 0 || opt.port > 65535) usage("--port must be 1-65535");
-    if (strcmp(opt.workload, "load") && strcmp(opt.workload, "churn"))
-        usage("--workload is load or churn");
+    if (strcmp(opt.workload, "load") && strcmp(opt.workload, "churn") &&
+        strcmp(opt.workload, "udp"))
+        usage("--workload is load, churn or udp");
     if (opt.connections < 1 || opt.size < 1 || !(opt.duration > 0) || opt.warmup < 0)
         usage("--connections and --size must be at least 1, --duration above 0");
     churn = !strcmp(opt.workload, "churn");
+    udp = !strcmp(opt.workload, "udp");
+    if (udp && opt.size > MAX_DATAGRAM) usage("--size: a UDP datagram holds at most 65507 bytes");
 }
 
 /* The server's address; an IPv4 one first, as Twisted's connectTCP (and so
  * echoplug.lab.load) resolves names to IPv4 only. */
 static void resolve(void) {
     struct addrinfo hints = {0}, *res, *a;
-    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_socktype = udp ? SOCK_DGRAM : SOCK_STREAM;
     char port[16];
     snprintf(port, sizeof port, "%d", opt.port);
     if (getaddrinfo(opt.host, port, &hints, &res) != 0 || !res) {
@@ -185,10 +193,11 @@ static void startMessage(Conn *c, uint32_t tag) {
 }
 
 static int openSocket(int blocking) {
-    int fd = socket(addr.ss_family, SOCK_STREAM | (blocking ? 0 : SOCK_NONBLOCK), 0);
+    int fd = socket(addr.ss_family, (udp ? SOCK_DGRAM : SOCK_STREAM) |
+                                     (blocking ? 0 : SOCK_NONBLOCK), 0);
     if (fd < 0) { fail("socket: %s", strerror(errno)); return -1; }
     int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (!udp) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return fd;
 }
 
@@ -224,7 +233,46 @@ static void completed(Conn *c, uint32_t tag) {
     }
 }
 
+/* udp: one datagram at a time, whole; a late echo of a resent datagram
+ * (the one before, in this closed loop) is skipped. */
+static void readableDatagram(Conn *c, uint32_t tag) {
+    for (;;) {
+        ssize_t n = recv(c->fd, rbuf, MAX_DATAGRAM + 1, 0);
+        if (n < 0) {
+            if (errno == EAGAIN) return;
+            fail("datagram lost: %s", strerror(errno));
+            return;
+        }
+        if (c->busy && n == opt.size && !memcmp(rbuf, payloads[c->index], n)) {
+            completed(c, tag);
+            continue;
+        }
+        int previous = (c->index + PAYLOADS - 1) % PAYLOADS;
+        if (n == opt.size && !memcmp(rbuf, payloads[previous], n)) continue;
+        fail("echo mismatch on a %d-byte datagram (%zd bytes came back)", opt.size, n);
+        return;
+    }
+}
+
+/* udp: send again what was not echoed within RESEND_MS. */
+static void resend(void) {
+    int64_t t = now();
+    for (int i = 0; i < opt.connections; i++) {
+        Conn *c = &conns[i];
+        if (c->busy && c->sent == (size_t)opt.size && t - c->sentAt > RESEND_MS * 1000000LL) {
+            c->sent = 0;
+            c->sentAt = t; /* the RTT is then from the resend: the loss shows in resent */
+            resent++;
+            pump(c, i);
+        }
+    }
+}
+
 static void readable(Conn *c, uint32_t tag) {
+    if (udp) {
+        readableDatagram(c, tag);
+        return;
+    }
     for (;;) {
         size_t want = opt.size - c->got;
         ssize_t n = recv(c->fd, rbuf, want ? want : 1, 0);
@@ -293,10 +341,16 @@ static void readStdin(void) {
 /* Run the loop until `until` (ns, 0: no deadline) or until *flag is set. */
 static void loop(int64_t until, const int *flag) {
     struct epoll_event events[256];
+    int64_t lastScan = now();
     while (!error[0] && !(flag && *flag)) {
         int64_t t = now();
         if (until && t >= until) return;
+        if (udp && t - lastScan > RESEND_MS * 1000000LL / 2) {
+            lastScan = t;
+            resend();
+        }
         int ms = until ? (int)((until - t) / 1000000) + 1 : 100;
+        if (udp && ms > RESEND_MS / 2) ms = RESEND_MS / 2;
         int n = epoll_wait(ep, events, 256, ms);
         if (n < 0 && errno != EINTR) { fail("epoll_wait: %s", strerror(errno)); return; }
         for (int i = 0; i < n; i++) {
@@ -318,7 +372,7 @@ int main(int argc, char **argv) {
             payloads[p][i] = (unsigned char)(s >> 24);
         }
     }
-    rbuf = malloc(opt.size);
+    rbuf = malloc(udp ? MAX_DATAGRAM + 1 : opt.size);
     rtts = malloc(sizeof *rtts * MAX_RTTS);
     conns = calloc(opt.connections, sizeof *conns);
     ep = epoll_create1(0);
@@ -349,7 +403,7 @@ int main(int argc, char **argv) {
         fflush(stdout);
         loop(0, &gotGo);
     }
-    messages = inWindow = nRtts = rttSkip = 0;
+    messages = inWindow = nRtts = rttSkip = resent = 0;
     measuring = 1;
     int64_t started = now();
     loop(started + (int64_t)(opt.duration * 1e9), NULL);
@@ -362,8 +416,10 @@ int main(int argc, char **argv) {
         if (!error[0] && inFlight) fail("timed out waiting for the echoes in flight");
     }
 
-    printf("{\"workload\":\"%s\",\"messages\":%ld,\"inWindow\":%ld,\"seconds\":%.6f,"
-           "\"rttUs\":[", opt.workload, messages, inWindow, seconds);
+    printf("{\"workload\":\"%s\",\"messages\":%ld,\"inWindow\":%ld,\"seconds\":%.6f,",
+           opt.workload, messages, inWindow, seconds);
+    if (udp) printf("\"resent\":%ld,", resent); /* datagrams sent again after a loss */
+    printf("\"rttUs\":[");
     for (long i = 0; i < nRtts; i++) printf(i ? ",%d" : "%d", rtts[i]);
     if (error[0]) {
         printf("],\"error\":\"");

@@ -30,9 +30,12 @@ TICKS = os.sysconf("SC_CLK_TCK")
 LAUNCHER = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def freePort() -> int:
-    """A TCP port free on 127.0.0.1 now (the caller retries the rare race)."""
-    with socket.socket() as s:
+def freePort(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """
+    A TCP port (or with C{kind=SOCK_DGRAM}, a UDP port) free on 127.0.0.1
+    now (the caller retries the rare race).
+    """
+    with socket.socket(type=kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -80,6 +83,30 @@ def waitForPort(port: int, timeout: float = 10.0,
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g}s")
+
+
+def waitForUDPEcho(port: int, timeout: float = 10.0,
+                   alive: Callable[[], bool] = lambda: True, host: str = "127.0.0.1") -> bool:
+    """
+    L{waitForPort} for a UDP echo server: wait until a probe datagram sent
+    to C{host:port} comes back. A UDP port cannot be connected to; an echo
+    is the only sign that a server reads it.
+
+    @raise TimeoutError: if nothing answers within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.1)
+        while time.monotonic() < deadline:
+            if not alive():
+                return False
+            try:
+                s.sendto(b"ready?", (host, port))
+                if s.recv(64) == b"ready?":
+                    return True
+            except OSError:  # nothing there yet (ICMP unreachable), or a lost probe
+                time.sleep(0.05)
+    raise TimeoutError(f"no UDP echo from {host}:{port} after {timeout:g}s")
 
 
 def waitForLine(lines: Sequence[str], pattern: str, timeout: float = 10.0,

@@ -64,8 +64,8 @@ class MeasureError(Exception):
 class Point:
     """One point of the sweep."""
 
-    workload: str  # "load" or "churn"
-    connections: int  # active connections (load) or parallel loops (churn)
+    workload: str  # "load", "churn" or "udp"
+    connections: int  # active connections or sockets (load, udp) or parallel loops (churn)
     idle: int
     size: int
 
@@ -186,6 +186,11 @@ def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
     row.p99_us = statistics.median(percentile(r, 99) for r in ranked)
     row.p999_us = statistics.median(percentile(r, 99.9) for r in ranked)
     return row
+
+
+def transport(point: Point) -> str:
+    """What the servers serve at C{point}: C{udp} for the udp workload, else C{tcp}."""
+    return "udp" if point.workload == "udp" else "tcp"
 
 
 def isCapped(target: Target, point: Point) -> bool:
@@ -426,7 +431,8 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
         spawned = []
         for t in runnable:
             try:
-                s = servers.spawn(t.kind, t.reactor, settings.logDir, t.serverArgs(settings))
+                s = servers.spawn(t.kind, t.reactor, settings.logDir, t.serverArgs(settings),
+                                  transport(point))
             except OSError as e:
                 failures[t] = f"cannot start {t.name}: {e.strerror or e}"
                 continue
@@ -443,7 +449,7 @@ def runPoint(point: Point, targets: Sequence[Target], settings: Settings,
                     if "in use" not in s.lastWords():
                         raise
                     s = servers.start(t.kind, t.reactor, settings.logDir, t.serverArgs(settings),
-                                      settings.timeout)
+                                      settings.timeout, transport=transport(point))
                     stack.callback(s.stop)
                 running[t] = s
             except ServerError as e:

@@ -30,6 +30,11 @@ the process and everything under it (an echoplug with C{--workers} is a
 parent and N workers). Such an echoplug is ready once it says C{READY=1} on
 a C{NOTIFY_SOCKET} the lab binds: its port accepts as soon as the parent
 binds it, before any worker does.
+
+For the C{udp} workload each kind serves UDP on its port instead: echoplug
+with C{--port udp:PORT}, asyncio and uvloop with the C{DatagramProtocol}
+echo, c-epoll with C{cudpecho.c} (epoll, C{recvfrom}, C{sendto}); there is no
+UDP wire-echo. A UDP server is ready once it echoes a probe datagram.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class Server:
     #: Where an echoplug with --workers says READY=1, once every worker
     #: accepts (its port accepts sooner: the parent binds it).
     notify: socket.socket | None = None
+    transport: str = "tcp"  # or "udp"
 
     @property
     def pid(self) -> int:
@@ -120,9 +126,11 @@ class Server:
                 self.proc.wait()
 
 
-def command(kind: str, reactor: str, port: int,
-            serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+def command(kind: str, reactor: str, port: int, serverArgs: Sequence[str],
+            transport: str = "tcp") -> tuple[list[str], dict[str, str]]:
     """The argv and extra environment that start C{kind} on C{port}."""
+    if transport == "udp":
+        return udpCommand(kind, reactor, port, serverArgs)
     if kind == "echoplug":
         return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
                  "--port", f"tcp:{port}:interface=127.0.0.1", *serverArgs], {})
@@ -144,10 +152,30 @@ def command(kind: str, reactor: str, port: int,
     raise ValueError(f"unknown server kind {kind!r}")
 
 
-def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ()) -> Server:
+def udpCommand(kind: str, reactor: str, port: int,
+               serverArgs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """L{command} for the C{udp} workload."""
+    if kind == "echoplug":
+        return ([*procs.twistdArgv(), "-r", reactor, "-n", "--pidfile=", "echoplug",
+                 "--port", f"udp:{port}", *serverArgs], {})
+    if kind in ("asyncio", "uvloop"):
+        extra = ["--uvloop"] if kind == "uvloop" else []
+        return [sys.executable, "-m", "echoplug.lab.asyncioecho", "--udp", *extra, str(port)], {}
+    if kind == "c-epoll":
+        from echoplug.lab import cbuild
+
+        try:
+            return [str(cbuild.build("cudpecho")), str(port)], {}
+        except cbuild.BuildError as e:
+            raise ServerError(str(e)) from None
+    raise ServerError(f"{kind} has no UDP echo")
+
+
+def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
+          transport: str = "tcp") -> Server:
     """Start a server; do not wait for it (see L{waitReady})."""
-    port = procs.freePort()
-    argv, extra = command(kind, reactor, port, list(serverArgs))
+    port = procs.freePort(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+    argv, extra = command(kind, reactor, port, list(serverArgs), transport)
     notify = None
     if kind == "echoplug" and workerCount(serverArgs) > 1:
         # The lab plays the service manager: a NOTIFY_SOCKET of its own.
@@ -161,7 +189,7 @@ def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = ())
         proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=procs.childEnv(extra),
                                 start_new_session=True)
-    return Server(kind, reactor, port, proc, log, argv, notify)
+    return Server(kind, reactor, port, proc, log, argv, notify, transport)
 
 
 def waitReady(server: Server, timeout: float = 30.0) -> None:
@@ -170,8 +198,9 @@ def waitReady(server: Server, timeout: float = 30.0) -> None:
 
     @raise ServerError: if it exits first or does not answer in time.
     """
+    wait = procs.waitForUDPEcho if server.transport == "udp" else procs.waitForPort
     try:
-        listening = procs.waitForPort(server.port, timeout, server.alive)
+        listening = wait(server.port, timeout, server.alive)
     except TimeoutError:
         raise ServerError(f"{server.name} did not listen within {timeout:g}s") from None
     if listening and server.notify is not None:
@@ -216,10 +245,10 @@ def workerCount(serverArgs: Sequence[str]) -> int:
 
 
 def start(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
-          timeout: float = 30.0, tries: int = 3) -> Server:
+          timeout: float = 30.0, tries: int = 3, transport: str = "tcp") -> Server:
     """Start a server and wait until it listens, retrying a port taken meanwhile."""
     for attempt in range(tries):
-        server = spawn(kind, reactor, logDir, serverArgs)
+        server = spawn(kind, reactor, logDir, serverArgs, transport)
         try:
             waitReady(server, timeout)
             return server

@@ -11,6 +11,6 @@ from twisted.application.service import ServiceMaker
 echoplug = ServiceMaker(
     "echoplug",
     "echoplug.tap",
-    "A TCP echo service (RFC 862) with flow control, half-close and limits.",
+    "An echo service (RFC 862): TCP with flow control, half-close and limits; guarded UDP.",
     "echoplug",
 )
