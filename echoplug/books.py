@@ -30,15 +30,29 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from echoplug.factory import PROXY_FAILURES
+
 #: The values in each slot, in order. C{pid} is non-zero while the slot's
 #: worker is listening; C{closedIn}/C{closedOut} are the bytes received and
-#: sent on its closed connections, C{openIn}/C{openOut} a snapshot of those
-#: on its open ones (refreshed about once a second, and only for metrics).
-FIELDS = ("pid", "accepted", "refused", "open", "closedIn", "closedOut", "openIn", "openOut")
-PID, ACCEPTED, REFUSED, OPEN, CLOSED_IN, CLOSED_OUT, OPEN_IN, OPEN_OUT = range(len(FIELDS))
-#: What a dead worker's slot adds to the totals: its counters, and the bytes
-#: of connections that died with it.
-KEPT = ("accepted", "refused", "received", "sent")
+#: sent on its closed connections (the factory's running totals), and
+#: C{header:REASON} its PROXY header failures: written as connections open
+#: and close. C{buffered} and C{stalls} (the C{--max-buffered} bound) and the
+#: C{udp*} counters (its L{echoplug.udp.DatagramGuards}) change per message
+#: or datagram, so the worker copies them about once a second, and only for
+#: --metrics.
+UDP_REASONS = ("empty", "low_port", "own_port", "bad_source", "rate_source", "rate_total",
+               "send_failed")
+FIELDS = ("pid", "accepted", "refused", "open", "closedIn", "closedOut", "buffered", "stalls",
+          "udpReceived", "udpReceivedBytes", "udpSent", "udpSentBytes",
+          *(f"header:{r}" for r in PROXY_FAILURES), *(f"udpDropped:{r}" for r in UDP_REASONS))
+(PID, ACCEPTED, REFUSED, OPEN, CLOSED_IN, CLOSED_OUT, BUFFERED, STALLS,
+ UDP_RECEIVED, UDP_RECEIVED_BYTES, UDP_SENT, UDP_SENT_BYTES) = range(12)
+#: The index of each PROXY failure reason's field, and each UDP drop reason's.
+HEADER = {r: FIELDS.index(f"header:{r}") for r in PROXY_FAILURES}
+UDP_DROPPED = {r: FIELDS.index(f"udpDropped:{r}") for r in UDP_REASONS}
+#: What a dead worker's slot adds to the totals: every field that counts
+#: (not its pid, nor what is open or buffered now).
+KEPT = tuple(i for i in range(len(FIELDS)) if i not in (PID, OPEN, BUFFERED))
 
 
 class Books:
@@ -48,7 +62,7 @@ class Books:
     slice).
 
     @ivar fd: the shared file, to pass to a worker.
-    @ivar retired: what dead workers counted, by L{KEPT} name (parent only).
+    @ivar retired: what dead workers counted, by L{KEPT} field (parent only).
     """
 
     def __init__(self, slots: int = 0, fd: int | None = None) -> None:
@@ -85,16 +99,17 @@ class Books:
 
     def retire(self, slot: int) -> None:
         """Fold a dead worker's counts into L{retired} and clear its slot."""
-        r = self.retired
-        r["accepted"] += self.get(slot, ACCEPTED)
-        r["refused"] += self.get(slot, REFUSED)
-        r["received"] += self.get(slot, CLOSED_IN) + self.get(slot, OPEN_IN)
-        r["sent"] += self.get(slot, CLOSED_OUT) + self.get(slot, OPEN_OUT)
+        for field in KEPT:
+            self.retired[field] += self.get(slot, field)
         for field in range(len(FIELDS)):
             self.set(slot, field, 0)
 
     def total(self, field: int) -> int:
         return sum(self.column(field))
+
+    def counted(self, field: int) -> int:
+        """The total of a counting field, dead workers' counts included."""
+        return self.retired.get(field, 0) + self.total(field)
 
 
 def createShared(size: int) -> int:
@@ -122,11 +137,11 @@ class Totals:
 
     @property
     def accepted(self) -> int:
-        return self.books.retired["accepted"] + self.books.total(ACCEPTED)
+        return self.books.counted(ACCEPTED)
 
     @property
     def refused(self) -> int:
-        return self.books.retired["refused"] + self.books.total(REFUSED)
+        return self.books.counted(REFUSED)
 
     @property
     def connections(self) -> range:
@@ -135,22 +150,62 @@ class Totals:
 
     @property
     def bytesEchoed(self) -> int:
-        return self.books.retired["received"] + self.books.total(CLOSED_IN)
+        return self.books.counted(CLOSED_IN)
 
     @property
     def bytesSent(self) -> int:
-        return self.books.retired["sent"] + self.books.total(CLOSED_OUT)
+        return self.books.counted(CLOSED_OUT)
 
-    def openBytes(self) -> int:
-        return self.books.total(OPEN_IN)
+    @property
+    def headerFailures(self) -> dict[str, int]:
+        return {r: self.books.counted(i) for r, i in HEADER.items()}
 
-    def openSentBytes(self) -> int:
-        return self.books.total(OPEN_OUT)
+    @property
+    def bound(self) -> BoundTotals:
+        return BoundTotals(self.books)
 
     def bySlot(self) -> Iterator[tuple[int, dict[str, int]]]:
         """Each slot's current values, by L{FIELDS} name."""
         for slot in range(self.books.slots):
             yield slot, {name: self.books.get(slot, i) for i, name in enumerate(FIELDS)}
+
+
+class BoundTotals:
+    """The C{--max-buffered} books of every worker, as the metrics read a bound's."""
+
+    def __init__(self, books: Books) -> None:
+        self.total = books.total(BUFFERED)
+        self.stalls = books.counted(STALLS)
+
+
+class DatagramTotals:
+    """
+    Every worker's UDP counters, summed, with the attributes of a
+    L{echoplug.udp.DatagramGuards} that the metrics read.
+    """
+
+    def __init__(self, books: Books) -> None:
+        self.books = books
+
+    @property
+    def received(self) -> int:
+        return self.books.counted(UDP_RECEIVED)
+
+    @property
+    def receivedBytes(self) -> int:
+        return self.books.counted(UDP_RECEIVED_BYTES)
+
+    @property
+    def sent(self) -> int:
+        return self.books.counted(UDP_SENT)
+
+    @property
+    def sentBytes(self) -> int:
+        return self.books.counted(UDP_SENT_BYTES)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {r: self.books.counted(i) for r, i in UDP_DROPPED.items()}
 
 
 class FairShare:

@@ -375,22 +375,23 @@ class Options(usage.Options):
 
         self["udp-rate"] = self["udp-rate"] or DEFAULT_RATE
         self["udp-rate-total"] = self["udp-rate-total"] or DEFAULT_RATE_TOTAL
-        streams = [withDefaults(d, self["backlog"]) for d in self["ports"]
-                   if not isDatagramDescription(d)]
+        streams = [d for d in self["ports"] if not isDatagramDescription(d)]
         datagrams = [d for d in self["ports"] if isDatagramDescription(d)]
         if self["worker"] is not None:
             # A worker binds nothing: it adopts the parent's sockets (and
             # sees no LISTEN_FDS); only a TLS port's endpoint, for its
             # context factory, is needed.
-            self["endpoints"] = [(d, parseEndpoint(d) if d.startswith("ssl:") else None)
-                                 for d in streams]
+            self["endpoints"] = [
+                (d, parseEndpoint(withDefaults(d, self["backlog"])) if d.startswith("ssl:")
+                 else None) for d in streams]
             self["datagram-endpoints"] = [(d, None) for d in datagrams]
             return
         if self["workers"] > 1:
             problem = loggingProblem(getattr(self, "parent", None))
             if problem is not None:
                 raise usage.UsageError(problem)
-        self["endpoints"] = [(d, parseEndpoint(d)) for d in streams]
+        self["endpoints"] = [(d, parseEndpoint(withDefaults(d, self["backlog"])))
+                             for d in streams]
         self["datagram-endpoints"] = [(d, parseDatagramEndpoint(d)) for d in datagrams]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")

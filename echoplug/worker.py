@@ -41,13 +41,19 @@ from zope.interface import implementer
 from echoplug import _twisted
 from echoplug.books import (
     ACCEPTED,
+    BUFFERED,
     CLOSED_IN,
     CLOSED_OUT,
+    HEADER,
     OPEN,
-    OPEN_IN,
-    OPEN_OUT,
     PID,
     REFUSED,
+    STALLS,
+    UDP_DROPPED,
+    UDP_RECEIVED,
+    UDP_RECEIVED_BYTES,
+    UDP_SENT,
+    UDP_SENT_BYTES,
     Books,
     FairShare,
 )
@@ -58,8 +64,8 @@ LIFELINE = 0
 REPORT = 3
 BOOKS = 4
 FIRST_PORT = 5
-#: How often a worker refreshes its open connections' byte counts for
-#: --metrics (open connections' bytes are a sum over them: not per event).
+#: How often a worker copies its per-message counters (the --max-buffered
+#: bound's, the UDP guards') to its slot, for --metrics.
 SNAPSHOT_INTERVAL = 1.0
 PR_SET_PDEATHSIG = 1
 #: Seconds between EOF on the lifeline and stopping, if nothing else has.
@@ -75,6 +81,8 @@ class WorkerFactory(EchoFactory):
     books: Books
     slot: int
     fairShare: FairShare | None = None
+    #: The worker's UDP guards (L{echoplug.udp.DatagramGuards}), if it serves UDP.
+    guards: Any = None
 
     def connectionMade(self, proto: Echo) -> None:
         super().connectionMade(proto)
@@ -97,10 +105,24 @@ class WorkerFactory(EchoFactory):
         if self.fairShare is not None:
             self.fairShare.check()
 
+    def headerFailed(self, proto: Echo, reason: str, why: str) -> None:
+        super().headerFailed(proto, reason, why)
+        self.books.set(self.slot, HEADER[reason], self.headerFailures[reason])
+
     def snapshot(self) -> None:
-        """The bytes of open connections, for --metrics (once a second)."""
-        self.books.set(self.slot, OPEN_IN, self.openBytes())
-        self.books.set(self.slot, OPEN_OUT, self.openSentBytes())
+        """What changes per message or datagram, for --metrics (once a second)."""
+        books, slot, bound = self.books, self.slot, self.bound
+        if bound is not None:
+            books.set(slot, BUFFERED, bound.total)
+            books.set(slot, STALLS, bound.stalls)
+        g = self.guards
+        if g is not None:
+            books.set(slot, UDP_RECEIVED, g.received)
+            books.set(slot, UDP_RECEIVED_BYTES, g.receivedBytes)
+            books.set(slot, UDP_SENT, g.sent)
+            books.set(slot, UDP_SENT_BYTES, g.sentBytes)
+            for reason, n in g.dropped.items():
+                books.set(slot, UDP_DROPPED[reason], n)
 
 
 def socketFamily(fd: int) -> int:
@@ -109,10 +131,10 @@ def socketFamily(fd: int) -> int:
         return int(s.family)
 
 
-def backlogOf(description: str) -> int:
-    """The C{backlog=} of an endpoint description, else Twisted's 50."""
+def backlogOf(description: str, default: int = 50) -> int:
+    """The C{backlog=} of an endpoint description, else C{default} (--backlog)."""
     m = re.search(r"(?:^|:)backlog=(\d+)", description)
-    return int(m[1]) if m else 50
+    return int(m[1]) if m else default
 
 
 class AdoptedListener(Listener):
@@ -123,8 +145,9 @@ class AdoptedListener(Listener):
     """
 
     def __init__(self, description: str, endpoint: Any, fd: int,
-                 factory: EchoFactory, fairShare: FairShare) -> None:
+                 factory: EchoFactory, fairShare: FairShare, backlog: int = 50) -> None:
         super().__init__(description, endpoint, factory)
+        self.backlog = backlogOf(description, backlog)
         self.echoFactory = factory
         self.fd = fd
         self.fairShare = fairShare
@@ -154,7 +177,7 @@ class AdoptedListener(Listener):
             # Not reactor.adoptStreamPort: its UNIX port shuts the socket
             # down for every process when it stops (see echoplug._twisted).
             port = _twisted.adoptSharedUNIXPort(reactor, self.fd, factory,
-                                                backlogOf(self.description))
+                                                self.backlog)
         else:
             port = reactor.adoptStreamPort(self.fd, family, factory)
         # The port holds its own duplicate of the descriptor.
@@ -245,6 +268,7 @@ class WorkerService(EchoService):
         self.fairShare.stop()
         if self._snapshotter is not None and self._snapshotter.running:
             self._snapshotter.stop()
+            self.workerFactory.snapshot()
         return super().stopService()
 
 
@@ -320,5 +344,5 @@ def makeWorkerService(config: Any, factory: WorkerFactory,
         drainTimeout=config["drain-timeout"], snapshots=config["metrics"] is not None)
     for i, (description, endpoint) in enumerate(config["endpoints"]):
         AdoptedListener(description, endpoint, FIRST_PORT + i, factory,
-                        service.fairShare).setServiceParent(service)
+                        service.fairShare, config["backlog"]).setServiceParent(service)
     return service

@@ -10,7 +10,22 @@ import os
 
 from twisted.internet.task import Clock
 
-from echoplug.books import ACCEPTED, CLOSED_IN, OPEN, OPEN_IN, PID, Books, FairShare, Totals
+from echoplug.books import (
+    ACCEPTED,
+    BUFFERED,
+    CLOSED_IN,
+    HEADER,
+    OPEN,
+    PID,
+    STALLS,
+    UDP_DROPPED,
+    UDP_REASONS,
+    UDP_SENT_BYTES,
+    Books,
+    DatagramTotals,
+    FairShare,
+    Totals,
+)
 from echoplug.workers import WorkersNotifier
 
 
@@ -28,15 +43,30 @@ def test_retired_worker_stays_counted() -> None:
     totals = Totals(books)
     books.set(0, ACCEPTED, 150)
     books.set(0, CLOSED_IN, 1000)
-    books.set(0, OPEN_IN, 24)  # on connections that died with it
     books.set(0, OPEN, 3)
+    books.set(0, BUFFERED, 4096)
+    books.set(0, STALLS, 2)
+    books.set(0, HEADER["timeout"], 5)
+    books.set(0, UDP_SENT_BYTES, 77)
     books.set(1, ACCEPTED, 50)
+    books.set(1, BUFFERED, 10)
     books.retire(0)
     assert books.column(ACCEPTED) == [0, 50]
     assert len(totals.connections) == 0
+    assert (totals.bound.total, totals.bound.stalls) == (10, 2)  # a gauge, and a counter
     books.set(0, ACCEPTED, 1)  # its successor
+    books.set(0, HEADER["timeout"], 1)
     assert totals.accepted == 201
-    assert totals.bytesEchoed + totals.openBytes() == 1024
+    assert totals.bytesEchoed == 1000
+    assert totals.headerFailures["timeout"] == 6
+    assert DatagramTotals(books).sentBytes == 77
+
+
+def test_books_know_every_udp_drop_reason() -> None:
+    from echoplug.udp import REASONS
+
+    assert UDP_REASONS == REASONS
+    assert set(DatagramTotals(Books(1)).dropped) == set(UDP_DROPPED) == set(REASONS)
 
 
 class Port:
