@@ -445,6 +445,10 @@ def makeService(config: Options) -> IService:
         from echoplug.workers import makeArbiter
 
         service = makeArbiter(config, logObserver(config))
+        if config["datagram-endpoints"]:
+            from echoplug.books import DatagramTotals
+
+            guards = DatagramTotals(service.books)
     else:
         service = EchoService(makeFactory(config), logObserver=logObserver(config),
                               drainTimeout=config["drain-timeout"])
@@ -472,17 +476,21 @@ def makeService(config: Options) -> IService:
     return cast(IService, service)
 
 
-def listenDatagrams(config: Options, service: Any) -> Any:
+def listenDatagrams(config: Options, service: Any,
+                    endpoints: Sequence[tuple[str, Any]] | None = None) -> Any:
     """
-    A UDP listener per C{udp:} or C{systemd-udp:} port, sharing one set of
-    guards (limits, own ports, counters); return the guards.
+    A UDP listener per C{udp:} or C{systemd-udp:} port (or per one of
+    C{endpoints}: a worker's adopted ones), sharing one set of guards
+    (limits, own ports, counters); return the guards.
     """
     from echoplug.udp import DatagramEcho, DatagramGuards, DatagramListener, TracingDatagramEcho
 
     guards = DatagramGuards(rate=config["udp-rate"], rateTotal=config["udp-rate-total"],
                             allowLowPorts=config["udp-allow-low-ports"])
     protocol = TracingDatagramEcho if config["trace"] else DatagramEcho
-    for description, endpoint in config["datagram-endpoints"]:
+    if endpoints is None:
+        endpoints = config["datagram-endpoints"]
+    for description, endpoint in endpoints:
         DatagramListener(description, endpoint, protocol(guards)).setServiceParent(service)
     return guards
 

@@ -345,4 +345,29 @@ def makeWorkerService(config: Any, factory: WorkerFactory,
     for i, (description, endpoint) in enumerate(config["endpoints"]):
         AdoptedListener(description, endpoint, FIRST_PORT + i, factory,
                         service.fairShare, config["backlog"]).setServiceParent(service)
+    if config["datagram-endpoints"]:
+        factory.guards = adoptDatagrams(config, service, FIRST_PORT + len(config["endpoints"]))
     return service
+
+
+def adoptDatagrams(config: Any, service: WorkerService, first: int) -> Any:
+    """
+    Serve the parent's UDP sockets, at descriptors C{first} on, with one set
+    of guards: the rate limits are this worker's (per worker, as the caps).
+    """
+    from twisted.internet import reactor
+
+    from echoplug.tap import listenDatagrams
+    from echoplug.udp import AdoptedDatagramEndpoint
+
+    adopted = []
+    for i, (description, _) in enumerate(config["datagram-endpoints"]):
+        fd = first + i
+        try:
+            family = socketFamily(fd)
+        except OSError as e:
+            raise SystemExit(f"echoplug: worker: no UDP socket at descriptor {fd} for "
+                             f"{description}: {e.strerror}") from None
+        # maxPacketSize 65535, and the descriptor closed once adopted.
+        adopted.append((description, AdoptedDatagramEndpoint(reactor, fd, family)))
+    return listenDatagrams(config, service, adopted)

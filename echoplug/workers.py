@@ -180,6 +180,54 @@ class SharedListener(Listener):
         return int(self.port.fileno())  # type: ignore[attr-defined]
 
 
+class SharedDatagramSocket(Service):
+    """
+    Bind one C{udp:} or C{systemd-udp:} port for the workers: a C{udp:}
+    socket bound here (L{echoplug.udp.bindDatagramSocket}), before
+    privileges drop, or the socket systemd passed. The parent never reads
+    it; each worker serves its descriptor (L{echoplug.udp.AdoptedDatagramEndpoint}).
+    """
+
+    def __init__(self, description: str, endpoint: Any) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.sock: Any = None
+        self.ready: defer.Deferred[Any] = defer.Deferred()
+
+    def privilegedStartService(self) -> None:
+        import socket
+
+        from echoplug.udp import UDPServerEndpoint, bindDatagramSocket
+
+        super().privilegedStartService()
+        if self.sock is not None:
+            return
+        try:
+            if isinstance(self.endpoint, UDPServerEndpoint):
+                self.sock = bindDatagramSocket(self.endpoint.interface, self.endpoint.port)
+            else:  # systemd's: keep it open, the same descriptor
+                self.sock = socket.socket(fileno=self.endpoint.fileno)
+        except OSError as e:
+            raise SystemExit(f"echoplug: cannot listen on {self.description}: "
+                             f"{e.strerror or e}") from None
+        self.ready.callback(self.sock)
+
+    def startService(self) -> None:
+        if self.sock is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def fileno(self) -> int:
+        assert self.sock is not None
+        return int(self.sock.fileno())
+
+
 class WorkerProcess(ProcessProtocol):
     """The parent's end of one worker process."""
 
@@ -265,14 +313,24 @@ class Arbiter(MultiService):
         listener.setServiceParent(self)
         return listener
 
+    def listenDatagrams(self, description: str, endpoint: Any) -> SharedDatagramSocket:
+        shared = SharedDatagramSocket(description, endpoint)
+        shared.setServiceParent(self)
+        return shared
+
     @property
     def listeners(self) -> list[Listener]:
         return [s for s in self if isinstance(s, Listener)]
 
+    @property
+    def datagramSockets(self) -> list[SharedDatagramSocket]:
+        return [s for s in self if isinstance(s, SharedDatagramSocket)]
+
     def whenListening(self) -> defer.Deferred[Any]:
         """Fires once the parent's ports are bound and every worker accepts."""
         return defer.gatherResults(
-            [listener.ready for listener in self.listeners] + [self._allListening])
+            [listener.ready for listener in self.listeners]
+            + [shared.ready for shared in self.datagramSockets] + [self._allListening])
 
     def allAlive(self) -> bool:
         """Every worker is running and accepting."""
@@ -307,9 +365,13 @@ class Arbiter(MultiService):
             return
         proto = WorkerProcess(self, number)
         fds: dict[int, Any] = {LIFELINE: "w", 1: 1, 2: 2, REPORT: "r", BOOKS: self.books.fd}
-        for i, listener in enumerate(self.listeners):
-            if isinstance(listener, SharedListener):
-                fds[FIRST_PORT + i] = listener.fileno()
+        streams = [listener for listener in self.listeners
+                   if isinstance(listener, SharedListener)]
+        for i, listener in enumerate(streams):
+            fds[FIRST_PORT + i] = listener.fileno()
+        # The UDP sockets follow the stream ones, in --port order.
+        for i, shared in enumerate(self.datagramSockets):
+            fds[FIRST_PORT + len(streams) + i] = shared.fileno()
         argv = [sys.executable, "-P", "-c", TWISTD, *self.argv,
                 "--worker", f"{number},{os.getpid()}"]
         self.reactor.spawnProcess(proto, sys.executable, argv, env=self.environ,
@@ -438,4 +500,6 @@ def makeArbiter(config: Any, logObserver: ILogObserver | None) -> Arbiter:
                       drainTimeout=config["drain-timeout"], logObserver=logObserver)
     for description, endpoint in config["endpoints"]:
         arbiter.listen(description, endpoint)
+    for description, endpoint in config["datagram-endpoints"]:
+        arbiter.listenDatagrams(description, endpoint)
     return arbiter

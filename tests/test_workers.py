@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from echoplug.lab import procs
 from echoplug.tap import Options
 from echoplug.workers import workerCount
 from tests.support import (
@@ -459,3 +460,26 @@ def test_proxy_protocol_in_every_worker(tmp_path) -> None:
                 assert s.recv(16) == b"hello"
         for i in range(10):
             server.waitFor(rf"worker=\d\] close 192\.0\.2\.{i + 1}:5555 via ")
+
+
+@pytest.mark.slow
+def test_udp_workers_echo_byte_exact(tmp_path) -> None:
+    """--workers 2 --port udp:P: the parent binds the UDP socket, both workers
+    serve it (65535-byte reads), and --metrics sums their UDP counters."""
+    port = procs.freePort(socket.SOCK_DGRAM)
+    with workers(tmp_path, "--port", f"udp:{port}", "--metrics", "tcp:0:interface=127.0.0.1",
+                 "--udp-rate", "1000") as server:
+        assert server.output().count(f"listening on 127.0.0.1:{port}") >= 2
+        payloads = [bytes(range(256)) * 200, b"x", bytes(range(256)) * 255]  # 65,280
+        for n in range(8):  # several source ports, so either worker may answer
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(10)
+                for data in payloads:
+                    s.sendto(data + bytes([n]), ("127.0.0.1", port))
+                    assert s.recv(1 << 17) == data + bytes([n])
+        total = 8 * len(payloads)
+        waitUntil(lambda: scrape(server).get("echoplug_udp_datagrams_sent_total") == total,
+                  5, "the UDP counters summed")
+        values = scrape(server)
+        assert values["echoplug_udp_sent_bytes_total"] == sum(
+            8 * (len(d) + 1) for d in payloads)
