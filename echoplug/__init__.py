@@ -23,6 +23,12 @@ The service, one job per module:
   - L{echoplug.notify}: systemd's C{sd_notify} (C{READY=1}, C{STOPPING=1}, the watchdog);
   - L{echoplug.reactors}: the lean reactors C{echoplug-epoll}, C{echoplug-poll},
     C{echoplug-select}, and C{install(name)} for echoplug's own commands;
+  - L{echoplug.workers}: C{--workers N}, the parent: binds the listeners, starts,
+    supervises and drains N worker processes, and speaks for them (metrics, systemd);
+  - L{echoplug.worker}: one worker: adopts the parent's sockets, reports to it,
+    stops when it goes;
+  - L{echoplug.books}: the workers' counters in memory shared with the parent,
+    and the fair share of connections each worker keeps to;
   - L{echoplug._twisted}: every read of a private Twisted name, in one place;
   - L{echoplug.client}: C{echoplug-client}, the original two-socket chunked client.
 

@@ -42,6 +42,14 @@ speed.
                                         "name!conversion:spec"      formatEvent reads it
     pytest_twisted._install_reactor     pytest-twisted's installer  installTestReactor: the
                                                                     tests' reactor by name
+    SSL4ServerEndpoint                  an ssl: endpoint's context  sslContextFactory: a
+    ._sslContextFactory                 factory                     --workers worker wraps
+                                                                    its adopted TLS port
+    unix.Port._fromListeningDescriptor  what adoptStreamPort calls  adoptSharedUNIXPort
+                                        for AF_UNIX
+    _SocketCloser._shouldShutdown       shutdown() before close()   SharedUNIXPort,
+                                        on stopListening            stopWithoutShutdown: a
+                                                                    shared socket stays up
     endpoints._parse                    serverFromString's split    endpointArguments: udp:
                                         of a description (colons    descriptions, escaped as
                                         escaped with backslashes)   TCP ones are
@@ -49,6 +57,30 @@ speed.
                                         endpoint found by name or   ListenDatagram= socket as
                                         index (undocumented)        systemd: finds a stream
     ==================================  ==========================  ===========================
+
+Under C{--workers} (L{echoplug.worker}, L{echoplug.workers}), sockets are
+shared by the parent and every worker:
+
+  - L{sslContextFactory}: C{SSL4ServerEndpoint._sslContextFactory}. A
+    C{--workers} worker adopts a TLS listener from its parent and must wrap
+    it with the same context factory the endpoint would have used; the
+    endpoint has no public accessor for it.
+  - L{adoptSharedUNIXPort}: C{unix.Port._fromListeningDescriptor}, what
+    C{reactor.adoptStreamPort} itself calls for C{AF_UNIX}, and
+    C{_SocketCloser._shouldShutdown}. An adopted TCP port leaves the socket
+    as it found it, but an adopted UNIX port, when it stops listening, calls
+    C{shutdown(SHUT_RDWR)} on the socket (Linux then stops it listening for
+    every process that holds it) and unlinks its path; on start it also
+    chmods the path to its C{mode} (0o666 by default) and calls
+    C{listen(backlog)} again. Shared by a parent and other workers, one
+    worker's restart would leave the rest deaf and the socket world-writable.
+    L{SharedUNIXPort} only closes its own descriptor, and keeps the path's
+    mode and the given backlog.
+  - L{stopWithoutShutdown}: C{_SocketCloser._shouldShutdown} again, for the
+    parent's own ports, which are ordinary ones: the parent closes its copy
+    of each shared socket as shutdown begins, while the workers may still
+    be accepting on theirs; a shutdown() would pull the socket from under
+    them (their accept() fails with EINVAL, with a traceback).
 
 The eager write's closure (L{eagerWrite}) runs once per message: it reads
 the attributes directly, with no call in between, as fast as it was when it
@@ -58,11 +90,15 @@ lived in L{echoplug.eager}, which decides when to use it.
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import stat
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.internet import abstract, main, selectreactor
+from twisted.internet import abstract, main, selectreactor, tcp, unix
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import FileLogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
@@ -348,6 +384,84 @@ def installTestReactor(installer: Callable[[], None]) -> None:
     pytest_twisted._install_reactor(reactor_installer=installer, reactor_type=object)
 
 
+# --workers: listening sockets shared between processes.
+
+
+def sslContextFactory(endpoint: Any) -> Any:
+    """The OpenSSL context factory of a C{ssl:} server endpoint."""
+    return endpoint._sslContextFactory
+
+
+class SharedUNIXPort(unix.Port):
+    """
+    A UNIX listening port adopted from a descriptor shared with other
+    processes: stopping it closes this process's descriptor and leaves the
+    socket's path in the file system to whoever bound it.
+    """
+
+    _shouldShutdown = False
+
+    def connectionLost(self, reason: Any) -> None:
+        # unix.Port.connectionLost would unlink the path (and unlock a lock
+        # file, which an adopted port never has): skip to the TCP port's.
+        tcp.Port.connectionLost(self, reason)
+
+
+def adoptSharedUNIXPort(reactor: Any, fd: int, factory: ServerFactory,
+                        backlog: int = 50) -> IListeningPort:
+    """
+    C{reactor.adoptStreamPort(fd, AF_UNIX, factory)}, with a
+    L{SharedUNIXPort}. Like it, this dups C{fd}: close yours afterwards.
+    """
+    port: Any = SharedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+    port.backlog = backlog
+    with socket.socket(fileno=os.dup(fd)) as s:
+        path = s.getsockname()
+    if isinstance(path, str) and path:  # in the file system, not abstract
+        port.mode = stat.S_IMODE(os.stat(path).st_mode)  # chmod to what it is
+    port.startListening()
+    return port  # type: ignore[no-any-return]
+
+
+def stopWithoutShutdown(port: Any) -> Any:
+    """
+    C{port.stopListening()}, closing this process's descriptor but without
+    C{shutdown()}, which would stop the socket for every process sharing it.
+    """
+    port._shouldShutdown = False
+    return port.stopListening()
+
+
+def exclusiveWakeup(reactor: Any, port: Any) -> bool:
+    """
+    Re-register a listening port that the epoll reactor reads with
+    C{EPOLLEXCLUSIVE}, so that a new connection wakes one of the workers
+    waiting on the shared socket instead of every one (the others would find
+    nothing to accept: a wasted wake-up and C{accept()} per worker per
+    connection). Reads C{EPollReactor._poller} and C{_reads}. Call it again
+    after each C{startReading()}: the reactor registers without the flag.
+
+    @return: C{False} where it does not apply (poll, select, asyncio's own
+        selector, an older kernel): every worker is woken, as before.
+    """
+    import select
+
+    poller = getattr(reactor, "_poller", None)
+    flag = getattr(select, "EPOLLEXCLUSIVE", None)
+    if flag is None or not isinstance(poller, select.epoll):
+        return False
+    fd = port.fileno()
+    if fd not in reactor._reads:
+        return False
+    poller.unregister(fd)
+    try:
+        poller.register(fd, select.EPOLLIN | flag)
+    except OSError:
+        poller.register(fd, select.EPOLLIN)  # a kernel without it (before 4.5)
+        return False
+    return True
+
+
 # The buffer bound: read size, and learning when a send buffer has drained.
 
 #: What Twisted reads per C{recv} and buffers before pausing a producer.
@@ -414,28 +528,30 @@ class _GuardedAccept:
         return getattr(self._socket, name)
 
 
-try:
-    from twisted.internet import unix
-except ImportError:  # pragma: no cover - platforms without AF_UNIX
-    unix = None  # type: ignore[assignment]
-else:
+class GuardedUNIXPort(unix.Port):
+    """
+    C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
+    peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
+    transport class.
+    """
 
-    class GuardedUNIXPort(unix.Port):
-        """
-        C{unix.Port} over a socket wrapped in L{_GuardedAccept}: unwraps the
-        peer's name where C{doRead} hands it on, to C{_buildAddr} and to the
-        transport class.
-        """
+    def _buildAddr(self, name: Any) -> Any:
+        return super()._buildAddr(_unwrap(name))
 
-        def _buildAddr(self, name: Any) -> Any:
-            return super()._buildAddr(_unwrap(name))
+    @staticmethod
+    def transport(  # type: ignore[override]
+            skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
+            reactor: Any) -> Any:
+        # The plain class, exactly: echoplug.eager recognises it.
+        return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
 
-        @staticmethod
-        def transport(  # type: ignore[override]
-                skt: Any, protocol: Any, client: Any, server: Any, sessionno: int,
-                      reactor: Any) -> Any:
-            # The plain class, exactly: echoplug.eager recognises it.
-            return unix.Server(skt, protocol, _unwrap(client), server, sessionno, reactor)
+
+class GuardedSharedUNIXPort(GuardedUNIXPort, SharedUNIXPort):
+    """L{GuardedUNIXPort}'s accept over a L{SharedUNIXPort} (a worker's adopted one)."""
+
+
+_GUARDED: dict[type, type] = {unix.Port: GuardedUNIXPort,
+                              SharedUNIXPort: GuardedSharedUNIXPort}
 
 
 def guardUNIXAccept(port: Any) -> None:
@@ -444,7 +560,8 @@ def guardUNIXAccept(port: Any) -> None:
     systemd, an adopted descriptor) accept clients bound to 4-character
     names. Any other port is left as it is.
     """
-    if unix is None or type(port) is not unix.Port or not hasattr(port, "socket"):
+    guarded = _GUARDED.get(type(port))
+    if guarded is None or not hasattr(port, "socket"):
         return
-    port.__class__ = GuardedUNIXPort
+    port.__class__ = guarded
     port.socket = _GuardedAccept(port.socket)

@@ -168,14 +168,15 @@ class ClassicText:
 
     def __call__(self, event: LogEvent) -> str | None:
         text = event.get(TEXT_KEY)
-        if text is None or "log_failure" in event or "log_system" in event:
+        if text is None or "log_failure" in event:
             return formatEventAsClassicLogText(event, formatTime=self.formatTime)
         if not text:
             return None
-        level = event.get("log_level")
-        line = (f"{self.formatTime(event.get('log_time'))} "
-                f"[{event.get('log_namespace', '-')}#{'-' if level is None else level.name}] "
-                f"{text}")
+        system = event.get("log_system")  # set by a --workers worker (WorkerTag)
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self.formatTime(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector
@@ -81,7 +81,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from echoplug import __version__
-from echoplug.factory import EchoFactory
 from echoplug.logs import formatAddress
 from echoplug.service import Listener, reactorName
 
@@ -101,7 +100,7 @@ class EchoCollector(Collector):
     counters have risen by exactly its size.
     """
 
-    def __init__(self, factory: EchoFactory, reactor: Any) -> None:
+    def __init__(self, factory: Any, reactor: Any) -> None:
         self.factory = factory
         self.reactor = reactorName(reactor)
         self.reactorClass = type(reactor).__name__
@@ -253,21 +252,61 @@ class DatagramCollector(Collector):
         yield dropped
 
 
-def makeRegistry(factory: EchoFactory, reactor: Any, guards: Any = None) -> CollectorRegistry:
+def makeRegistry(factory: Any, reactor: Any, guards: Any = None,
+                 extra: Iterable[Collector] = ()) -> CollectorRegistry:
     """
     A registry of its own (not prometheus_client's global one, so two
-    services in one process do not collide) with the echo metrics and the
-    usual process, platform and GC metrics (the process ones from
-    L{ProcessStats}).
+    services in one process do not collide) with the echo metrics, any
+    C{extra} collectors and the usual process, platform and GC metrics (the
+    process ones from L{ProcessStats}).
     """
     registry = CollectorRegistry()
     registry.register(EchoCollector(factory, reactor))
     registry.register(ProcessStats())
     if guards is not None:
         registry.register(DatagramCollector(guards))
+    for collector in extra:
+        registry.register(collector)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+class WorkersCollector(Collector):
+    """
+    Under C{--workers}: the totals come from L{EchoCollector} (the parent's
+    factory is every worker's books summed, L{echoplug.books.Totals}); this
+    adds the workers themselves, by C{worker} label. A worker's own counter
+    starts again from 0 when it is restarted, as a restarted process's
+    counters do (Prometheus' rate() expects that); the totals never go back.
+    """
+
+    def __init__(self, arbiter: Any) -> None:
+        self.arbiter = arbiter
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.arbiter
+        up = GaugeMetricFamily("echoplug_worker_up",
+                               "1 while the worker runs and accepts, else 0.", labels=["worker"])
+        restarts = CounterMetricFamily("echoplug_worker_restarts",
+                                       "Times the worker was restarted after dying.",
+                                       labels=["worker"])
+        accepted = CounterMetricFamily(
+            "echoplug_worker_connections_accepted",
+            "Connections the worker accepted since it (re)started.", labels=["worker"])
+        opened = GaugeMetricFamily("echoplug_worker_connections_open",
+                                   "Connections open in the worker now.", labels=["worker"])
+        for slot, values in a.factory.bySlot():
+            label = [str(slot + 1)]
+            proto = a.workers.get(slot + 1)
+            alive = proto is not None and proto.listening and not proto.ended
+            up.add_metric(label, 1 if alive else 0)
+            restarts.add_metric(label, a.restarts.get(slot + 1, 0))
+            accepted.add_metric(label, values["accepted"])
+            opened.add_metric(label, values["open"])
+        yield GaugeMetricFamily("echoplug_workers", "Worker processes configured (--workers).",
+                                value=a.count)
+        yield from (up, restarts, accepted, opened)
 
 
 class MetricsPage(Resource):
@@ -422,10 +461,15 @@ class MetricsSite(Site):
         pass
 
 
-def makeSite(factory: EchoFactory, reactor: Any, guards: Any = None) -> MetricsSite:
-    """The metrics site for C{factory}: C{/metrics}, and 404 for every other path."""
+def makeSite(factory: Any, reactor: Any, guards: Any = None,
+             extra: Iterable[Collector] = ()) -> MetricsSite:
+    """
+    The metrics site for C{factory} (an L{EchoFactory}, or the summed books
+    of every worker under C{--workers}, L{echoplug.books.Totals}):
+    C{/metrics}, and 404 for every other path.
+    """
     root = Resource()
-    registry = makeRegistry(factory, reactor, guards)
+    registry = makeRegistry(factory, reactor, guards, extra)
     root.putChild(b"metrics", MetricsPage(registry))
     site = MetricsSite(root, reactor)
     registry.register(MetricsPortCollector(site))

@@ -14,8 +14,9 @@ for a systemd C{ListenDatagram=} socket (L{echoplug.udp}).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -27,6 +28,10 @@ from echoplug._twisted import endpointArguments
 from echoplug.factory import DEFAULT_PEER_PREFIX, PROXY_MODES, EchoFactory, Keepalive
 from echoplug.logs import FORMATS, LEVELS, makeObserver, twistdObserver
 from echoplug.service import EchoService
+from echoplug.workers import loggingProblem, workerCount
+
+if TYPE_CHECKING:
+    from echoplug.workers import Arbiter
 
 DEFAULT_PORT = "10000"
 #: The listen backlog, as in the shipped socket unit (Backlog=4096); the
@@ -258,6 +263,13 @@ class Options(usage.Options):
          "address (bursts of up to N); drop the rest. [default: 100]"],
         ["udp-rate-total", None, None, "Echo at most N datagrams a second in all "
          "(bursts of up to N); drop the rest. [default: 10000]"],
+        ["workers", None, "1", "Serve with N worker processes sharing the listeners "
+         "(auto: one per core). 1 is a single process. The caps (--max-connections, "
+         "--max-connections-per-peer, --max-buffered) and the UDP rates (--udp-rate, "
+         "--udp-rate-total) apply per worker. Needs twistd -n without --logfile, "
+         "or --syslog."],
+        # Hidden (see getUsage): given by a --workers parent to each worker.
+        ["worker", None, None, "N,PARENT_PID: run as worker N of that parent."],
         ["proxy-protocol", None, "off", "Expect a PROXY protocol header (v1 or v2, as "
          "HAProxy, nginx, AWS NLB and Envoy send) on every TCP and UNIX listener: "
          "required (close a connection without one), optional (serve one without it "
@@ -285,6 +297,17 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
 
+    #: Options for echoplug's own use, left out of --help.
+    hidden = ("worker",)
+
+    def getUsage(self, width: int | None = None) -> str:
+        shown = self.longOpt
+        self.longOpt = [o for o in shown if o.rstrip("=") not in self.hidden]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = shown
+
     def opt_port(self, port: str) -> None:
         """Listen here; repeatable. A bare number is TCP on 127.0.0.1, else an endpoint such as tcp:10000:interface=0.0.0.0, tcp6:10000, unix:/run/echo.sock, systemd:domain=INET:name=echoplug; UDP: udp:10000 (127.0.0.1), udp:10000:interface=\\:\\:1, systemd-udp:name=echoplug-udp. [default: 10000]"""  # noqa: E501
         self["ports"].append(endpointDescription(port))
@@ -294,6 +317,8 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         # twistd answers a UsageError with its whole usage text; a mistake on
         # the command line deserves one line on stderr and a non-zero exit.
+        # The arguments as given: a --workers parent gives them to its workers.
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -325,12 +350,16 @@ class Options(usage.Options):
         self["max-buffered"] = size("--max-buffered", self["max-buffered"]) or None
         self["keepalive"] = keepalive("--keepalive", self["keepalive"])
         self["peer-prefix"] = prefixes("--peer-prefix", self["peer-prefix"])
+        try:
+            self["workers"] = workerCount(self["workers"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         kernelCap = somaxconn()
         if self["backlog"] is None:
             self["backlog"] = min(DEFAULT_BACKLOG, kernelCap or DEFAULT_BACKLOG)
         else:
             self["backlog"] = positive("--backlog", self["backlog"])
-            if kernelCap is not None and self["backlog"] > kernelCap:
+            if kernelCap is not None and self["backlog"] > kernelCap and self["worker"] is None:
                 log.warn("--backlog {asked}: the kernel caps it at {cap} (net.core.somaxconn)",
                          asked=self["backlog"], cap=kernelCap)
         if not self["ports"]:
@@ -346,11 +375,24 @@ class Options(usage.Options):
 
         self["udp-rate"] = self["udp-rate"] or DEFAULT_RATE
         self["udp-rate-total"] = self["udp-rate-total"] or DEFAULT_RATE_TOTAL
+        streams = [d for d in self["ports"] if not isDatagramDescription(d)]
+        datagrams = [d for d in self["ports"] if isDatagramDescription(d)]
+        if self["worker"] is not None:
+            # A worker binds nothing: it adopts the parent's sockets (and
+            # sees no LISTEN_FDS); only a TLS port's endpoint, for its
+            # context factory, is needed.
+            self["endpoints"] = [
+                (d, parseEndpoint(withDefaults(d, self["backlog"])) if d.startswith("ssl:")
+                 else None) for d in streams]
+            self["datagram-endpoints"] = [(d, None) for d in datagrams]
+            return
+        if self["workers"] > 1:
+            problem = loggingProblem(getattr(self, "parent", None))
+            if problem is not None:
+                raise usage.UsageError(problem)
         self["endpoints"] = [(d, parseEndpoint(withDefaults(d, self["backlog"])))
-                             for d in self["ports"]
-                             if not isDatagramDescription(d)]
-        self["datagram-endpoints"] = [(d, parseDatagramEndpoint(d)) for d in self["ports"]
-                                      if isDatagramDescription(d)]
+                             for d in streams]
+        self["datagram-endpoints"] = [(d, parseDatagramEndpoint(d)) for d in datagrams]
         if self["metrics"] is not None:
             self["metrics"] = endpointDescription(self["metrics"], "--metrics")
             try:
@@ -370,11 +412,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-def makeService(config: Options) -> IService:
-    """
-    Build the echoplug service: one factory shared by a listener per C{--port}.
-    """
-    factory = EchoFactory(
+def makeFactory(config: Options, cls: type[EchoFactory] = EchoFactory) -> EchoFactory:
+    return cls(
         trace=config["trace"],
         logLevel=config["log-level"],
         maxConnections=config["max-connections"],
@@ -386,38 +425,72 @@ def makeService(config: Options) -> IService:
         proxyProtocol=config["proxy-protocol"],
         proxyTimeout=config["proxy-timeout"],
     )
-    service = EchoService(factory, logObserver=logObserver(config),
-                          drainTimeout=config["drain-timeout"])
-    for description, endpoint in config["endpoints"]:
-        service.listen(description, endpoint)
+
+
+def makeService(config: Options) -> IService:
+    """
+    Build the echoplug service: one factory shared by a listener per
+    C{--port}; or, for C{--workers} N > 1, the parent of N such processes
+    (L{echoplug.workers}); or, with the hidden C{--worker}, one of them.
+    """
+    if config["worker"] is not None:
+        from echoplug.worker import WorkerFactory, makeWorkerService
+
+        factory = makeFactory(config, WorkerFactory)
+        assert isinstance(factory, WorkerFactory)
+        return cast(IService, makeWorkerService(config, factory, logObserver(config)))
+    service: EchoService | Arbiter
     guards = None
-    if config["datagram-endpoints"]:
-        guards = listenDatagrams(config, service)
+    if config["workers"] > 1:
+        from echoplug.workers import makeArbiter
+
+        service = makeArbiter(config, logObserver(config))
+        if config["datagram-endpoints"]:
+            from echoplug.books import DatagramTotals
+
+            guards = DatagramTotals(service.books)
+    else:
+        service = EchoService(makeFactory(config), logObserver=logObserver(config),
+                              drainTimeout=config["drain-timeout"])
+        for description, endpoint in config["endpoints"]:
+            service.listen(description, endpoint)
+        if config["datagram-endpoints"]:
+            guards = listenDatagrams(config, service)
     if config["metrics"] is not None:
         from twisted.internet import reactor
 
         from echoplug.metrics import MetricsListener, makeSite
 
+        collectors = []
+        if not isinstance(service, EchoService):
+            from echoplug.metrics import WorkersCollector
+
+            collectors.append(WorkersCollector(service))
         MetricsListener(f"--metrics {config['metrics']}", config["metrics-endpoint"],
-                        makeSite(factory, reactor, guards)).setServiceParent(service)
+                        makeSite(service.factory, reactor, guards,
+                                 collectors)).setServiceParent(service)
     # Last, so that it is stopped first: STOPPING=1 as shutdown begins.
     notifier = notifierFor(service)
     if notifier is not None:
         notifier.setServiceParent(service)
-    return service
+    return cast(IService, service)
 
 
-def listenDatagrams(config: Options, service: EchoService) -> Any:
+def listenDatagrams(config: Options, service: Any,
+                    endpoints: Sequence[tuple[str, Any]] | None = None) -> Any:
     """
-    A UDP listener per C{udp:} or C{systemd-udp:} port, sharing one set of
-    guards (limits, own ports, counters); return the guards.
+    A UDP listener per C{udp:} or C{systemd-udp:} port (or per one of
+    C{endpoints}: a worker's adopted ones), sharing one set of guards
+    (limits, own ports, counters); return the guards.
     """
     from echoplug.udp import DatagramEcho, DatagramGuards, DatagramListener, TracingDatagramEcho
 
     guards = DatagramGuards(rate=config["udp-rate"], rateTotal=config["udp-rate-total"],
                             allowLowPorts=config["udp-allow-low-ports"])
     protocol = TracingDatagramEcho if config["trace"] else DatagramEcho
-    for description, endpoint in config["datagram-endpoints"]:
+    if endpoints is None:
+        endpoints = config["datagram-endpoints"]
+    for description, endpoint in endpoints:
         DatagramListener(description, endpoint, protocol(guards)).setServiceParent(service)
     return guards
 
@@ -440,7 +513,7 @@ def logObserver(config: Options) -> ILogObserver | None:
     return None
 
 
-def notifierFor(service: EchoService) -> IService | None:
+def notifierFor(service: EchoService | Arbiter) -> IService | None:
     """
     A L{SystemdNotifier} for C{service} when C{NOTIFY_SOCKET} is set (under
     systemd with C{Type=notify}), else C{None}; an unusable address is one
@@ -448,7 +521,12 @@ def notifierFor(service: EchoService) -> IService | None:
     """
     from echoplug.notify import NotifyError, SystemdNotifier
 
+    cls = SystemdNotifier
+    if not isinstance(service, EchoService):
+        from echoplug.workers import WorkersNotifier
+
+        cls = WorkersNotifier
     try:
-        return SystemdNotifier.fromEnvironment(service)
+        return cls.fromEnvironment(service)  # type: ignore[arg-type]
     except NotifyError as e:
         raise SystemExit(f"echoplug: {e}") from None

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import epollreactor, pollreactor, reactor, selectreactor, tcp, threads, unix
+from twisted.internet import (
+    endpoints,
+    epollreactor,
+    pollreactor,
+    reactor,
+    selectreactor,
+    tcp,
+    threads,
+    unix,
+)
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import FileLogObserver, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -185,6 +194,56 @@ def test_pinned_pytest_twisted_installer() -> None:
     parameters = inspect.signature(pytest_twisted._install_reactor).parameters
     assert {"reactor_installer", "reactor_type"} <= set(parameters)
     assert callable(_twisted.installTestReactor)
+
+
+# --workers: shared listening sockets.
+
+
+def test_ssl_endpoint_keeps_its_context_factory() -> None:
+    assert "self._sslContextFactory = sslContextFactory" in inspect.getsource(
+        endpoints.SSL4ServerEndpoint.__init__)
+
+
+def test_ports_adopt_from_a_descriptor() -> None:
+    assert inspect.signature(unix.Port._fromListeningDescriptor).parameters.keys() >= {
+        "reactor", "fd", "factory"}
+
+
+def test_shutdown_on_close_is_a_flag() -> None:
+    source = inspect.getsource(tcp._SocketCloser._closeSocket)
+    assert "if self._shouldShutdown:" in source and "skt.shutdown(2)" in source
+    assert tcp.Port._shouldShutdown is True
+
+
+def test_unix_port_unlinks_and_chmods_its_path() -> None:
+    # What SharedUNIXPort undoes: the unlink on stop, the chmod on start.
+    assert "os.unlink(self._bindPath)" in inspect.getsource(unix.Port.connectionLost)
+    start = inspect.getsource(unix.Port.startListening)
+    assert "os.chmod(self._bindPath, self.mode)" in start
+    assert "skt.listen(self.backlog)" in start
+
+
+def test_epoll_reactor_reads_through_its_poller() -> None:
+    """exclusiveWakeup re-registers in the epoll reactor's own poller, which
+    tracks readers by descriptor in _reads."""
+    source = inspect.getsource(epollreactor.EPollReactor._add)
+    assert "self._poller.register(fd, flags)" in source
+    assert "primary.add(fd)" in source
+    assert "reader, self._reads, self._writes, self._selectables, EPOLLIN, EPOLLOUT" in (
+        inspect.getsource(epollreactor.EPollReactor.addReader))
+
+
+def test_guard_keeps_a_shared_unix_port_shared() -> None:
+    """A worker's adopted UNIX port is guarded too, and stays a SharedUNIXPort."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        port = _twisted.SharedUNIXPort(b"/nonexistent/x.sock", None)
+        port.socket = s
+        _twisted.guardUNIXAccept(port)
+        assert type(port) is _twisted.GuardedSharedUNIXPort
+        assert isinstance(port, _twisted.SharedUNIXPort) and port._shouldShutdown is False
+        assert type(port.socket) is _twisted._GuardedAccept
 
 
 # UNIX listeners: the 4-item address test in tcp.Port.doRead.

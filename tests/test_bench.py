@@ -283,6 +283,36 @@ def test_tiny_sweep_records_spread_conditions_and_compares(tmp_path) -> None:
     (tmp_path / "double" / "results.json").write_text(json.dumps(document))
     double = runBench("compare", "out/results.csv", "double", cwd=tmp_path)
     assert "0 faster, 6 slower, 0 within noise of 6" in double.stdout, double.stdout
+
+
+def test_workers_are_variants_of_echoplug() -> None:
+    options = bench.parseArgs(["--reactors", "epoll", "--workers", "2,1", "--peer", "asyncio",
+                               "--load", "twisted"])
+    assert bench.targets(options) == [
+        Target("echoplug", "epoll", None, 1), Target("echoplug", "epoll", None, 2),
+        Target("asyncio", "stdlib")]
+    one, two = bench.targets(options)[:2]
+    assert (one.server, two.server) == ("echoplug-w1", "echoplug-w2")
+    settings = bench.runner.Settings()
+    assert list(one.serverArgs(settings)) == ["--log-level", "warn"]
+    assert list(two.serverArgs(settings))[-2:] == ["--workers", "2"]
+    assert runBench("--workers", "0", cwd=".").returncode == 2
+
+
+@pytest.mark.slow
+def test_workers_sweep(tmp_path) -> None:
+    """--workers 1,2: one row each, the second echoplug a parent and two
+    workers, ready only once both workers accept (READY=1)."""
+    done = runBench("--reactors", "epoll", "--workers", "1,2", "--connections", "4",
+                    "--idle", "0", "--size", "64", "--duration", "0.5", "--warmup", "0.2",
+                    "--repeat", "1", "--no-plots", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = readCsv(tmp_path / "out" / "results.csv")
+    assert [(r["server"], r["status"]) for r in rows] == [
+        ("echoplug-w1", "ok"), ("echoplug-w2", "ok")], rows
+    assert all(float(r["cpu_us_per_msg"]) > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_tiny_udp_sweep(tmp_path) -> None:
     peers = ["--peer", "asyncio"] + (["--peer", "c-epoll"] if cbuild.compiler() else [])

@@ -129,6 +129,36 @@ def test_uvloop_missing_is_one_line() -> None:
     assert done.stderr == "asyncio echo: uvloop is not installed (pip install uvloop)\n"
 
 
+def test_tree_cpu_counts_children_alive_and_reaped() -> None:
+    """A parent that burns nothing, with a child that burns 0.3 s of CPU and
+    waits, then a second child reaped after it burns: the tree has both."""
+    script = (
+        "import os, sys, time\n"
+        "def burn():\n"
+        "    end = time.process_time() + 0.3\n"
+        "    while time.process_time() < end: pass\n"
+        "def child(wait):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        burn(); time.sleep(wait); os._exit(0)\n"
+        "    return pid\n"
+        "child(30)\n"
+        "os.waitpid(child(0), 0)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert procs.cpuSeconds(proc.pid) < 0.2
+        assert procs.treeCpuSeconds(proc.pid) >= 0.55
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(OSError):
+        procs.treeCpuSeconds(proc.pid)
+
+
 # The udp workload's servers.
 
 

@@ -148,6 +148,10 @@ def parser() -> Parser:
                    "'' for echoplug's defaults (an access-log line per connection). "
                    "Repeatable: each value is a variant of echoplug, measured in turns with "
                    "the others at every point and named echoplug[ARGS] in the results")
+    p.add_argument("--workers", type=intList(1), default=None,
+                   help="echoplug's --workers, comma-separated: each count is a variant of "
+                   "echoplug (named echoplug-wN), measured in turns; CPU is summed over the "
+                   "parent and its workers [one process, as without --workers]")
     p.add_argument("--clients", type=count, default=None,
                    help="load-client processes sharing the connections [1; churn: 4]")
     p.add_argument("--load", choices=["c", "twisted"], default=None,
@@ -229,16 +233,18 @@ def parseArgs(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def targets(options: argparse.Namespace) -> list[Target]:
     """
-    echoplug (each of its variants, if several C{--server-args} were given)
-    and the Twisted peers per reactor; the standalone peers once.
+    echoplug (each of its variants, if several C{--server-args} were given,
+    for each C{--workers} count) and the Twisted peers per reactor; the
+    standalone peers once.
     """
     variants: list[tuple[str, ...] | None] = [None]
     if len(options.variants) > 1:
         variants = [tuple(v) for v in options.variants]
+    workers: list[int | None] = list(options.workers or [None])
     found = []
     for reactor in options.reactors:
         if not options.no_echoplug:
-            found += [Target("echoplug", reactor, v) for v in variants]
+            found += [Target("echoplug", reactor, v, w) for v in variants for w in workers]
         found += [Target(k, reactor) for k in options.peer if k not in STANDALONE]
     found += [Target(k, STANDALONE[k]) for k in options.peer if k in STANDALONE]
     return found

@@ -145,6 +145,40 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def treeCpuSeconds(pid: int) -> float:
+    """
+    The CPU time of process C{pid} and every process under it (a --workers
+    parent and its workers): for each, utime + stime and the times of its
+    children already reaped (cutime + cstime), which is where a worker's
+    time goes when it dies. The sum only moves from one process to another
+    when a process exits, so a difference of two readings is the tree's
+    CPU time in between.
+
+    @raise OSError: if C{pid} itself is gone.
+    """
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat[stat.rindex(")") + 2:].split()
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        times[child] = sum(int(f) for f in fields[11:15]) / TICKS
+    if pid not in times:
+        cpuSeconds(pid)  # raises OSError for a missing process
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        total += times.get(p, 0.0)
+        stack.extend(children.get(p, []))
+    return total
+
+
 def rssBytes(pid: int) -> int:
     """
     Resident set size of process C{pid}, from C{/proc/PID/status}.

@@ -83,20 +83,27 @@ class Target:
     kind: str
     reactor: str
     args: tuple[str, ...] | None = None
+    #: echoplug's --workers, when a sweep compares worker counts (else None).
+    workers: int | None = None
 
     @property
     def server(self) -> str:
-        """The server column: C{echoplug}, or C{echoplug[ARGS]} for a variant."""
-        if self.args is None:
-            return self.kind
-        return f"{self.kind}[{shlex.join(self.args)}]"
+        """
+        The server column: C{echoplug}, C{echoplug[ARGS]} for a variant, and
+        C{-wN} after it when the sweep compares worker counts.
+        """
+        name = self.kind if self.args is None else f"{self.kind}[{shlex.join(self.args)}]"
+        return name if self.workers is None else f"{name}-w{self.workers}"
 
     @property
     def name(self) -> str:
         return servers.label(self.server, self.reactor)
 
     def serverArgs(self, settings: Settings) -> Sequence[str]:
-        return settings.serverArgs if self.args is None else self.args
+        args = settings.serverArgs if self.args is None else self.args
+        if self.workers is not None and self.workers > 1:
+            args = [*args, "--workers", str(self.workers)]
+        return args
 
 
 @dataclass

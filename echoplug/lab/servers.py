@@ -30,7 +30,11 @@ output goes to a log file, never to a pipe nobody reads (a full pipe would
 stop the server).
 
 CPU time is utime + stime from C{/proc/PID/stat}: all the time the kernel
-billed to the server process, in user space and in system calls. Its
+billed to the server process, in user space and in system calls, summed over
+the process and everything under it (an echoplug with C{--workers} is a
+parent and N workers). Such an echoplug is ready once it says C{READY=1} on
+a C{NOTIFY_SOCKET} the lab binds: its port accepts as soon as the parent
+binds it, before any worker does. Its
 wake-ups are its poller calls (C{select}, C{poll}, C{epoll_wait} and their
 kin), counted by a small preloaded shared object (C{pollcount.c}) into a
 file beside its log.
@@ -43,9 +47,11 @@ UDP wire-echo. A UDP server is ready once it echoes a probe datagram.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +85,13 @@ class ServerError(Exception):
 
 
 def cpuSeconds(pid: int) -> float:
-    """utime + stime of process C{pid}, in seconds (L{procs.cpuSeconds})."""
+    """
+    The CPU time of process C{pid} and of every process under it, in
+    seconds (L{procs.treeCpuSeconds}): an echoplug with C{--workers} is a
+    parent and its workers, and the workers do the echoing.
+    """
     try:
-        return procs.cpuSeconds(pid)
+        return procs.treeCpuSeconds(pid)
     except OSError as e:
         raise ServerError(f"cannot read the CPU time of process {pid}: {e.strerror}") from None
 
@@ -101,6 +111,9 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     argv: list[str] = field(default_factory=list)
+    #: Where an echoplug with --workers says READY=1, once every worker
+    #: accepts (its port accepts sooner: the parent binds it).
+    notify: socket.socket | None = None
     transport: str = "tcp"  # or "udp"
     calls: Path | None = None  # the poller-call counter (L{counted})
 
@@ -139,6 +152,8 @@ class Server:
         return lines[-1] if lines else ""
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.notify is not None:
+            self.notify.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -202,6 +217,13 @@ def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
     """Start a server; do not wait for it (see L{waitReady})."""
     port = procs.freePort(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
     argv, extra = command(kind, reactor, port, list(serverArgs), transport)
+    notify = None
+    if kind == "echoplug" and workerCount(serverArgs) > 1:
+        # The lab plays the service manager: a NOTIFY_SOCKET of its own.
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"echoplug-lab-{os.getpid()}-{port}"
+        notify.bind("\0" + name)
+        extra["NOTIFY_SOCKET"] = "@" + name
     logDir.mkdir(parents=True, exist_ok=True)
     log = logDir / f"{kind}-{reactor}-{port}.log"
     calls = counted(extra, (logDir / f"{kind}-{reactor}-{port}.calls").resolve())
@@ -209,7 +231,8 @@ def spawn(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
         proc = subprocess.Popen(argv, cwd=logDir, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=procs.childEnv(extra),
                                 start_new_session=True)
-    return Server(kind, reactor, port, proc, log, argv, transport, calls)
+    return Server(kind, reactor, port, proc, log, argv, notify=notify, transport=transport,
+                  calls=calls)
 
 
 def counted(env: dict[str, str], path: Path) -> Path | None:
@@ -243,9 +266,45 @@ def waitReady(server: Server, timeout: float = 30.0) -> None:
         listening = wait(server.port, timeout, server.alive)
     except TimeoutError:
         raise ServerError(f"{server.name} did not listen within {timeout:g}s") from None
+    if listening and server.notify is not None:
+        listening = waitNotified(server, timeout)
     if not listening:
         raise ServerError(f"{server.name} exited with status {server.proc.wait()}: "
                           f"{server.lastWords() or 'no output'}")
+
+
+def waitNotified(server: Server, timeout: float) -> bool:
+    """Wait for C{READY=1} on the server's notify socket; C{False} if it exits."""
+    assert server.notify is not None
+    deadline = time.monotonic() + timeout
+    while server.alive():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ServerError(f"{server.name}: not every worker listened within {timeout:g}s")
+        server.notify.settimeout(min(left, 0.2))
+        try:
+            if "READY=1" in server.notify.recv(4096).decode().splitlines():
+                return True
+        except TimeoutError:
+            continue
+    return False
+
+
+def workerCount(serverArgs: Sequence[str]) -> int:
+    """The C{--workers N} among echoplug's arguments (the last one wins), else 1."""
+    count = 1
+    for i, arg in enumerate(serverArgs):
+        value = None
+        if arg == "--workers" and i + 1 < len(serverArgs):
+            value = serverArgs[i + 1]
+        elif arg.startswith("--workers="):
+            value = arg.split("=", 1)[1]
+        if value == "auto":
+            count = len(os.sched_getaffinity(0))
+        elif value is not None:
+            # A bad value is the server's to refuse, in its own words.
+            count = int(value) if value.isdigit() else 1
+    return count
 
 
 def start(kind: str, reactor: str, logDir: Path, serverArgs: Sequence[str] = (),
