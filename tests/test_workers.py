@@ -34,6 +34,7 @@ from tests.support import (
     connect,
     echoHalfClose,
     freePort,
+    halfCloseOn,
     startProcess,
     testEnv,
     twistd,
@@ -415,8 +416,19 @@ def test_socket_activation_and_readiness(tmp_path) -> None:
         # Sent once both workers accept: the status says so.
         assert "STATUS=workers: 2/2 up; connections:" in ready
         server.waitFor(ALL)
-        for _ in range(20):
-            assert echoHalfClose(port, [b"shared"]) == b"shared"
+        # Held open together, so the fair share spreads them (one after
+        # another, any one worker may take them all).
+        held = [connect(port) for _ in range(20)]
+        try:
+            for s in held:
+                assert halfCloseOn(s, [b"shared"]) == b"shared"
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 10
+        while (len(re.findall(r"worker=\d\] close", server.output())) < 21
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         assert {int(n) for n in re.findall(r"worker=(\d)\] close", server.output())} == {1, 2}
         assert server.stop() in (0, -signal.SIGTERM)
     finally:
