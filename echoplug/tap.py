@@ -237,8 +237,8 @@ class Options(usage.Options):
          "endpoint, such as tcp:9100:interface=127.0.0.1 (a bare number is TCP on "
          "127.0.0.1). Needs prometheus_client (the metrics extra). [default: off]"],
         ["log-format", None, None, "Log plain text lines (text) or one JSON object per "
-         "line (json), to stdout. Given either, echoplug owns the log and twistd's "
-         "--logfile is not used. [default: text]"],
+         "line (json), where twistd would log: stdout under -n, or -l FILE (rotated on "
+         "SIGUSR1). [default: text]"],
         ["idle-timeout", None, None, "Close a connection after this many seconds "
          "with no traffic either way, even one paused because its client stopped "
          "reading. 0: never. [default: 0]"],
