@@ -173,3 +173,13 @@ def test_in_process_tests_run_on_a_lean_reactor(tmp_path) -> None:
         env=testEnv({"ECHOPLUG_TEST_REACTOR": "echoplug-epoll"}))
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("reactor", "hinted"), [("select", True), ("echoplug-select", False),
+                                                 ("poll", False)])
+def test_select_startup_points_at_the_lean_select(tmp_path, reactor: str, hinted: bool) -> None:
+    """Under Twisted's own select reactor the start-up log names the faster one, once."""
+    with twistd(reactor, cwd=tmp_path) as server:
+        pass
+    assert server.output().count("-r echoplug-select is the faster select reactor") == hinted
