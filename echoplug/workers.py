@@ -474,15 +474,9 @@ class WorkersNotifier(SystemdNotifier):
 
     service: Arbiter  # type: ignore[assignment]
 
-    def tick(self) -> None:
-        lines = (["WATCHDOG=1"] if self.watchdog is not None and self.service.allAlive()
-                 else [])
-        status = self.statusLine()
-        if status != self.status:
-            self.status = status
-            lines.append(f"STATUS={status}")
-        if lines:
-            self.send(*lines)
+    def healthy(self) -> bool:
+        # The parent pings the watchdog only while every worker is alive.
+        return self.service.allAlive()
 
     def statusLine(self) -> str:
         arbiter = self.service

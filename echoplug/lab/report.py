@@ -307,14 +307,7 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     for extra in range(len(pointsOf), nrows * ncols):
         axes[extra // ncols][extra % ncols].set_visible(False)
-    handles, labels = [], []
-    for ax in (a for row in axes for a in row):
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))),
-               fontsize=8, frameon=False)
+    labels = figureLegend(fig, axes, 4)
     fig.suptitle("Server CPU time (utime + stime) per message, median of runs with its "
                  "95% interval (else the range) (lower is better)", fontsize=11)
     rowsOfLegend = math.ceil(len(labels) / 4) if labels else 0
@@ -402,16 +395,23 @@ def _grid(plt: Any, rows: Sequence[Row], path: Path, x: str, y: dict[str, str],
             ax.set_ylabel(y[column], fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
-    handles, labels = [], []
-    for ax in (a for row in axes for a in row):
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))),
-               fontsize=8, frameon=False)
+    labels = figureLegend(fig, axes, 5)
     fig.suptitle(title, fontsize=11)
     rowsOfLegend = math.ceil(len(labels) / 5) if labels else 0
     fig.tight_layout(rect=(0, 0.04 + 0.03 * rowsOfLegend, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def figureLegend(fig: Any, axes: Any, columns: int) -> list[str]:
+    """One legend under the figure for every panel's lines; return its labels."""
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in (a for row in axes for a in row):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(columns, max(1, len(labels))),
+               fontsize=8, frameon=False)
+    return labels
