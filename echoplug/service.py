@@ -181,6 +181,16 @@ class Listener(Service):
         # data, would see a reset (a balancer logs them as failures). Accept
         # them first; the drain then serves them like any open connection.
         acceptQueued(port)
+        # Twisted closes the socket a reactor turn after stopListening(), and
+        # what connects meanwhile would be reset too: accept that as well, at
+        # the last moment, right before the socket closes.
+        close = getattr(port, "connectionLost", None)
+        if close is not None:
+            def acceptThenClose(reason: Failure) -> None:
+                acceptQueued(port)
+                close(reason)
+
+            port.connectionLost = acceptThenClose  # type: ignore[attr-defined]
         return defer.maybeDeferred(port.stopListening)
 
 
@@ -344,9 +354,14 @@ class EchoService(MultiService):
                           n=n, t=self.drainTimeout)
         self._drainTimer = self.reactor.callLater(self.drainTimeout, self._endDrain,
                                                   "drain timeout")
-        empty = self.factory.whenEmpty()
-        empty.addCallback(lambda _: self._drained())
         stopped.addErrback(lambda f: self.log.failure("while stopping listeners", f))
+
+        def listenersClosed(_: object) -> None:
+            # Only now: a listener accepts what is queued until its socket
+            # closes, and those connections are drained like the others.
+            self.factory.whenEmpty().addCallback(lambda _: self._drained())
+
+        stopped.addCallback(listenersClosed)
         return defer.gatherResults([stopped, d]).addCallback(lambda _: None)
 
     def _endDrain(self, why: str) -> None:
