@@ -149,7 +149,7 @@ class Totals:
         return range(self.books.total(OPEN))
 
     @property
-    def bytesEchoed(self) -> int:
+    def bytesReceived(self) -> int:
         return self.books.counted(CLOSED_IN)
 
     @property

@@ -83,7 +83,7 @@ class EchoFactory(Books):
 
     @ivar connections: the open connections.
     @ivar accepted: connections served since start.
-    @ivar bytesEchoed: bytes received on closed connections (each one was
+    @ivar bytesReceived: bytes received on closed connections (each one was
         echoed back, unless the connection was cut first).
     @ivar refused: connections closed at once, unserved, because of a cap.
     @ivar maxConnections: the cap on open connections, or C{None}.
@@ -160,7 +160,7 @@ class EchoFactory(Books):
             "{received} bytes received, {sent} bytes sent, {why}")
         self.connections: set[Echo] = set()
         self.accepted = 0
-        self.bytesEchoed = 0
+        self.bytesReceived = 0
         self.bytesSent = 0
         self.refused = 0
         self.maxConnections = maxConnections
@@ -308,29 +308,20 @@ class EchoFactory(Books):
         if not proto.admitted:
             return  # never served: its bad header or refusal is counted already
         sent = proto.bytesIn - unsentBytes(proto.transport)
-        self.bytesEchoed += proto.bytesIn
+        self.bytesReceived += proto.bytesIn
         self.bytesSent += sent
         if proto.peerHost is not None:
             left = self.perPeer.pop(proto.peerHost) - 1
             if left:
                 self.perPeer[proto.peerHost] = left
         if self.logClose:
+            fields = {"duration": time.monotonic() - proto.started, "received": proto.bytesIn,
+                      "sent": sent, "why": proto.closeReason or describeReason(reason)}
             if proto.via is None:
-                self.closeLine(
-                    peer=self.peerOf(proto.transport),
-                    duration=time.monotonic() - proto.started,
-                    received=proto.bytesIn,
-                    sent=sent,
-                    why=proto.closeReason or describeReason(reason),
-                )
+                self.closeLine(peer=self.peerOf(proto.transport), **fields)
             else:
-                self.closeViaLine(
-                    peer=formatAddress(proto.client), via=formatAddress(proto.via),
-                    duration=time.monotonic() - proto.started,
-                    received=proto.bytesIn,
-                    sent=sent,
-                    why=proto.closeReason or describeReason(reason),
-                )
+                self.closeViaLine(peer=formatAddress(proto.client),
+                                  via=formatAddress(proto.via), **fields)
 
     def whenEmpty(self) -> defer.Deferred[None]:
         """Fires once no connection is open (at once if none is)."""

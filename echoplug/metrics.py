@@ -118,7 +118,7 @@ class EchoCollector(Collector):
             "echoplug_connections_open", "Connections open now.", value=len(f.connections))
         yield CounterMetricFamily(
             "echoplug_received_bytes", "Bytes received from clients, on closed connections.",
-            value=f.bytesEchoed)
+            value=f.bytesReceived)
         yield CounterMetricFamily(
             "echoplug_sent_bytes",
             "Bytes echoed back (handed to the kernel), on closed connections.",

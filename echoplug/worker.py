@@ -100,7 +100,7 @@ class WorkerFactory(EchoFactory):
         books, slot = self.books, self.slot
         books.set(slot, ACCEPTED, self.accepted)
         books.set(slot, OPEN, len(self.connections))
-        books.set(slot, CLOSED_IN, self.bytesEchoed)
+        books.set(slot, CLOSED_IN, self.bytesReceived)
         books.set(slot, CLOSED_OUT, self.bytesSent)
         if self.fairShare is not None:
             self.fairShare.check()

@@ -57,7 +57,7 @@ def test_retired_worker_stays_counted() -> None:
     books.set(0, ACCEPTED, 1)  # its successor
     books.set(0, HEADER["timeout"], 1)
     assert totals.accepted == 201
-    assert totals.bytesEchoed == 1000
+    assert totals.bytesReceived == 1000
     assert totals.headerFailures["timeout"] == 6
     assert DatagramTotals(books).sentBytes == 77
 

@@ -338,7 +338,7 @@ def test_sent_excludes_what_an_abort_dropped():
         proto.close("test")
         yield deferLater(reactor, 0.05, lambda: None)
         assert not factory.connections
-        assert factory.bytesEchoed == received
+        assert factory.bytesReceived == received
         assert factory.bytesSent == received - unsent
     finally:
         if client is not None:

@@ -76,7 +76,7 @@ def test_factory_tracks_connections() -> None:
     proto.dataReceived(b"12345")
     proto.connectionLost(Failure(ConnectionDone()))
     assert factory.connections == set()
-    assert factory.bytesEchoed == 5
+    assert factory.bytesReceived == 5
 
 
 def test_close_records_reason_and_aborts() -> None:

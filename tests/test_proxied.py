@@ -82,7 +82,7 @@ def test_header_names_the_peer_and_is_never_echoed() -> None:
     assert closeLines(events) == [
         f"close 192.0.2.1:4242 via 127.0.0.1:5678 after {events[-1]['duration']:.3f}s, "
         "5 bytes received, 5 bytes sent, closed"]
-    assert factory.bytesEchoed == 5
+    assert factory.bytesReceived == 5
 
 
 def test_data_in_the_same_read_as_the_header_is_echoed() -> None:
