@@ -38,8 +38,9 @@ from echoplug import _twisted
 
 #: Transport classes, exactly (not subclasses), whose write path is
 #: C{FileDescriptor.write} over a plain stream socket: the server ends (an
-#: echo) and the client ends (the lab's load client).
-PLAIN: tuple[type, ...] = (tcp.Server, tcp.Client)
+#: echo, on Twisted's listener or echoplug's lean one) and the client ends
+#: (the lab's load client).
+PLAIN: tuple[type, ...] = (tcp.Server, _twisted.LeanServer, tcp.Client)
 try:
     from twisted.internet import unix
 except ImportError:  # pragma: no cover - platforms without AF_UNIX

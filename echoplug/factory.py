@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from echoplug._twisted import socketTransport, unsentBytes
+from echoplug._twisted import listeningSocket, socketTransport, unsentBytes
 from echoplug.buffers import BufferBound
 from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Books, Echo, TracingEcho
@@ -283,8 +283,6 @@ class EchoFactory(Books):
             proto.transport.abortConnection()
             return
         self.connections.add(proto)
-        if self.keepalive is not None:
-            self.keepalive.apply(proto.transport)
         if self.bound is not None:
             self.bound.connected(proto)
         if self.idleTimeout is not None:
@@ -451,9 +449,11 @@ class Keepalive:
     opens) closes the connection after as long, where the kernel would
     otherwise retransmit for about 15 minutes.
 
-    Set per accepted connection (five setsockopt calls, a few
-    microseconds), not on the listening socket, which echoplug does not
-    always make itself (systemd, a parent process's workers).
+    Set on each TCP listening socket (L{listen}), whoever made it (echoplug,
+    systemd, a C{--workers} parent): Linux copies all five options to every
+    socket it accepts there (tests/test_factory.py checks that it does), so
+    a connection costs no system call for them; five per connection were a
+    tenth of the CPU of a short one. L{apply} sets them on one connection.
     """
 
     idle: int
@@ -475,8 +475,19 @@ class Keepalive:
 
     def apply(self, transport: Any) -> None:
         """Set the options on the TCP socket under C{transport}; not UNIX."""
-        sock = getattr(socketTransport(transport), "socket", None)
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        self.setOn(getattr(socketTransport(transport), "socket", None))
+
+    def listen(self, port: Any) -> None:
+        """
+        Set the options on a listening port's socket, for every connection
+        it accepts from now on; not on a UNIX one.
+        """
+        self.setOn(listeningSocket(port))
+
+    def setOn(self, sock: Any) -> None:
+        """Set the options on C{sock} if it is a TCP socket."""
+        if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET,
+                                                                      socket.AF_INET6):
             return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

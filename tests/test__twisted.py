@@ -57,7 +57,8 @@ def test_pinned_filedescriptor_attributes() -> None:
     assert issubclass(unix.Server, tcp.Server)
     assert issubclass(unix.Client, tcp.BaseClient)
     assert issubclass(tcp.Client, tcp.Connection)
-    assert PLAIN == (tcp.Server, tcp.Client, unix.Server, unix.Client)
+    assert PLAIN == (tcp.Server, _twisted.LeanServer, tcp.Client, unix.Server, unix.Client)
+    assert issubclass(_twisted.LeanServer, tcp.Server)
 
 
 @pytest_twisted.inlineCallbacks
@@ -350,3 +351,70 @@ def test_pinned_systemd_descriptor(monkeypatch) -> None:
         _twisted.systemdDescriptor(reactor, "name=other")
     with pytest.raises(IndexError):
         _twisted.systemdDescriptor(reactor, "index=2")
+
+
+# The lean TCP listener (LeanPort, LeanServer): copies of Twisted's accept
+# loop and server transport, less the per-connection work. sha256 (first 16
+# hex digits) of each copied method's source, as of Twisted 26.10.0: if one
+# changes, re-read it, carry the change into echoplug/_twisted.py, and
+# update the digest here.
+LEAN_TCP_PINNED = {
+    "Port.doRead": "d240fc123090ee23",
+    "Server.__init__": "fbf83f6f693d6860",
+    "Connection.__init__": "162e5439d76f8d2d",
+    "Connection.connectionLost": "dd7a9a87035a2084",
+    "Server.getPeer": "3e6965712bfcf6d4",
+    "Server.__repr__": "048624f9d8dcb3bd",
+    "Connection.logPrefix": "7a46f1420988d8d7",
+}
+
+
+@pytest.mark.parametrize("name", LEAN_TCP_PINNED)
+def test_lean_tcp_copies_are_of_unchanged_methods(name: str) -> None:
+    cls, method = name.split(".")
+    source = inspect.getsource(getattr(getattr(tcp, cls), method))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == LEAN_TCP_PINNED[name], (
+        f"Twisted's tcp.{name} changed: review echoplug._twisted.LeanPort/LeanServer")
+
+
+def test_pinned_lean_tcp_internals() -> None:
+    """What LeanPort and LeanServer read or set besides the copied methods."""
+    import socket
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import ServerFactory
+
+    port = tcp.Port(0, ServerFactory(), interface="127.0.0.1")
+    port.startListening()
+    try:
+        sock = _twisted.listeningSocket(port)
+        assert isinstance(sock, socket.socket) and sock is port.socket
+        assert callable(sock._accept)  # what socket.accept() wraps
+        assert port.numberAccepts == 100 and port.sessionno == 0
+        assert port._realPortNumber == port.getHost().port
+        assert port._buildAddr(("127.0.0.1", 5)) == IPv4Address("TCP", "127.0.0.1", 5)
+    finally:
+        port.stopListening()
+    # The flag _closeSocket reads; the prefix helper logPrefix calls.
+    assert tcp.Server._shouldShutdown is True and _twisted.LeanServer._shouldShutdown is False
+    assert callable(tcp.Server._getLogPrefix)
+    assert tcp.Server._addressType is IPv4Address
+    # Python accepts with SOCK_CLOEXEC: LeanServer's close() without a
+    # shutdown() relies on no other process holding the socket.
+    import fcntl
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()):
+            fd, _ = listener._accept()
+            try:
+                assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            finally:
+                import os
+
+                os.close(fd)
+    # The class LeanPort builds for each connection, and the one swapped.
+    assert _twisted.LeanPort.transport is _twisted.LeanServer
+    assert tcp.Port.transport is tcp.Server
