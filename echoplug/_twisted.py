@@ -56,6 +56,17 @@ speed.
     AdoptedStreamServerEndpoint.fileno  the descriptor a systemd:   systemdDescriptor: find a
                                         endpoint found by name or   ListenDatagram= socket as
                                         index (undocumented)        systemd: finds a stream
+    tcp.Port.doRead, tcp.Server         the accept loop and the     LeanPort, LeanServer:
+    .__init__, .getPeer, .__repr__,     server transport's set-up,  copied, less the work per
+    tcp.Connection.__init__,            names and close             connection; source pinned
+    .connectionLost, .logPrefix                                     by hash
+    tcp.Port.socket, numberAccepts,     the listening socket, the   LeanPort's loop, as
+    sessionno, _realPortNumber,         accept batch, the session   Twisted's; listeningSocket
+    _buildAddr; socket._accept          count, the port number      (keepalive on the
+                                        and address; the raw accept listener)
+    _SocketCloser._shouldShutdown,      shutdown() before close();  LeanServer: close() alone;
+    _AbortingMixin, _getLogPrefix,      the abort's reason; the     the prefix, built when
+    Server._addressType                 prefix; IPv4 or IPv6        asked
     ==================================  ==========================  ===========================
 
 Under C{--workers} (L{echoplug.worker}, L{echoplug.workers}), sockets are
@@ -82,6 +93,13 @@ shared by the parent and every worker:
     be accepting on theirs; a shutdown() would pull the socket from under
     them (their accept() fails with EINVAL, with a traceback).
 
+The lean TCP listener (L{LeanPort}, L{LeanServer}) is echoplug's own
+accept loop and server transport, used by every echo listener
+(L{echoplug.service.Listener} swaps a plain C{tcp.Port} for it, as
+L{guardUNIXAccept} does for UNIX ports). It is Twisted's code less what an
+echo does not need per connection, with Twisted's own loop for every accept
+error; the trade-offs are in docs/performance.md.
+
 The eager write's closure (L{eagerWrite}) runs once per message: it reads
 the attributes directly, with no call in between, as fast as it was when it
 lived in L{echoplug.eager}, which decides when to use it.
@@ -93,11 +111,13 @@ import errno
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from twisted.internet import abstract, address, error, main, selectreactor, tcp, unix
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import FileLogObserver
 from twisted.python import log
@@ -273,9 +293,16 @@ def dispatch(reactor: Any, events: Iterable[tuple[int, int]]) -> None:
     """
     Run C{reactor._doReadOrWrite} for each C{(fd, event)} of a poll, as the
     stock C{doPoll} does but without C{log.callWithLogger}.
+
+    An event that is only "readable" (nearly every event of an echo: each
+    message, and the EOF) takes C{_doReadOrWrite}'s own steps for it,
+    inlined: check the descriptor, C{doRead}, log an exception, disconnect
+    on what C{doRead} returns. Any other event goes to C{_doReadOrWrite}.
     """
     selectables = reactor._selectables
     doReadOrWrite = reactor._doReadOrWrite
+    disconnect = reactor._disconnectSelectable
+    readable = reactor._POLL_IN
     for fd, event in events:
         try:
             selectable = selectables[fd]
@@ -283,7 +310,24 @@ def dispatch(reactor: Any, events: Iterable[tuple[int, int]]) -> None:
             # One selectable's handler disconnected another.
             continue
         try:
-            doReadOrWrite(selectable, fd, event)
+            if event == readable:
+                # _doReadOrWrite for a read event with no hang-up, error or
+                # write event, step for step.
+                why = None
+                inRead = False
+                try:
+                    if selectable.fileno() == -1:
+                        why = _NO_FILEDESC
+                    else:
+                        why = selectable.doRead()
+                        inRead = True
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.err()
+                if why:
+                    disconnect(selectable, why, inRead)
+            else:
+                doReadOrWrite(selectable, fd, event)
         except KeyboardInterrupt:
             raise
         except BaseException:
@@ -616,6 +660,19 @@ class LeanServer(tcp.Server):
         self.peer = peer
         self.startReading()
         self.connected = 1
+
+    def doRead(self) -> Any:
+        # Connection.doRead with _dataReceived inlined: once per message.
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as se:
+            if se.args[0] == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
 
     def getPeer(self) -> Any:
         peer = self.peer

@@ -366,6 +366,8 @@ LEAN_TCP_PINNED = {
     "Server.getPeer": "3e6965712bfcf6d4",
     "Server.__repr__": "048624f9d8dcb3bd",
     "Connection.logPrefix": "7a46f1420988d8d7",
+    "Connection.doRead": "20ac74ffecd6b7f2",
+    "Connection._dataReceived": "7ed147aeca0c7f8a",
 }
 
 
@@ -418,3 +420,19 @@ def test_pinned_lean_tcp_internals() -> None:
     # The class LeanPort builds for each connection, and the one swapped.
     assert _twisted.LeanPort.transport is _twisted.LeanServer
     assert tcp.Port.transport is tcp.Server
+
+
+def test_dispatch_inlines_unchanged_read_path() -> None:
+    """
+    dispatch() takes _doReadOrWrite's steps for a plain read event itself:
+    pinned, with the names it reads.
+    """
+    from twisted.internet import posixbase
+
+    source = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "5ffee55b79492b00", (
+        "Twisted's _doReadOrWrite changed: review echoplug._twisted.dispatch")
+    assert _twisted._NO_FILEDESC is posixbase._NO_FILEDESC
+    for cls in (epollreactor.EPollReactor, pollreactor.PollReactor):
+        assert cls._doReadOrWrite is posixbase._PollLikeMixin._doReadOrWrite
+        assert cls._POLL_IN == 1 and callable(cls._disconnectSelectable)
