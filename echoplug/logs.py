@@ -177,6 +177,8 @@ class ClassicText:
 
     def __init__(self) -> None:
         self.formatTime = CachedTime()
+        # "namespace#level" by (namespace, level): a few kinds of line.
+        self.systems: dict[tuple[Any, Any], str] = {}
 
     def __call__(self, event: LogEvent) -> str | None:
         text = event.get(TEXT_KEY)
@@ -186,8 +188,12 @@ class ClassicText:
             return None
         system = event.get("log_system")  # set by a --workers worker (WorkerTag)
         if system is None:
-            level = event.get("log_level")
-            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            namespace, level = event.get("log_namespace", "-"), event.get("log_level")
+            system = self.systems.get((namespace, level)) if type(namespace) is str else None
+            if system is None:
+                system = f"{namespace}#{'-' if level is None else level.name}"
+                if type(namespace) is str and len(self.systems) < 256:
+                    self.systems[namespace, level] = system
         line = f"{self.formatTime(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
