@@ -7,9 +7,11 @@ one line.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,6 +95,11 @@ def test_cpu_of_a_missing_process() -> None:
         servers.cpuSeconds(2**22 + 1)
 
 
+def test_rss_of_a_missing_process() -> None:
+    with pytest.raises(ServerError, match="cannot read the RSS"):
+        servers.rssBytes(2**22 + 1)
+
+
 def test_labels() -> None:
     assert servers.label("echoplug", "epoll") == "echoplug/epoll"
     assert servers.label("asyncio", "stdlib") == "asyncio (stdlib)"
@@ -157,6 +164,26 @@ def test_tree_cpu_counts_children_alive_and_reaped() -> None:
         proc.wait()
     with pytest.raises(OSError):
         procs.treeCpuSeconds(proc.pid)
+
+
+def test_tree_rss_counts_children() -> None:
+    """This process's tree RSS is its own and its sleeping child's."""
+    me = os.getpid()
+    assert procs.treeRssBytes(me) > 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        deadline = time.monotonic() + 4
+        while procs.rssBytes(child.pid) < 4 << 20 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the interpreter is in
+        alone = procs.treeRssBytes(child.pid)
+        assert alone >= 4 << 20
+        own = procs.rssBytes(me)
+        assert procs.treeRssBytes(me) - own >= 0.9 * alone
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(OSError):
+        procs.treeRssBytes(child.pid)
 
 
 # The udp workload's servers.

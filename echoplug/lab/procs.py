@@ -25,6 +25,7 @@ import echoplug
 #: The checkout (or site-packages) this echoplug was imported from.
 ROOT = Path(echoplug.__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # twistd from this interpreter, when its console script is not beside it.
 LAUNCHER = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
@@ -145,6 +146,38 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def treeStats(pid: int) -> list[list[str]]:
+    """
+    The C{/proc/PID/stat} fields after the command name (the state first)
+    of process C{pid} and of every process under it, from one pass over
+    C{/proc}.
+
+    @raise OSError: if C{pid} itself is gone.
+    """
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat[stat.rindex(")") + 2:].split()
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        stats[child] = fields
+    if pid not in stats:
+        cpuSeconds(pid)  # raises OSError for a missing process
+    found, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        if p in stats:
+            found.append(stats[p])
+        stack.extend(children.get(p, []))
+    return found
+
+
 def treeCpuSeconds(pid: int) -> float:
     """
     The CPU time of process C{pid} and every process under it (a --workers
@@ -156,27 +189,19 @@ def treeCpuSeconds(pid: int) -> float:
 
     @raise OSError: if C{pid} itself is gone.
     """
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        fields = stat[stat.rindex(")") + 2:].split()
-        child = int(entry.name)
-        children.setdefault(int(fields[1]), []).append(child)
-        times[child] = sum(int(f) for f in fields[11:15]) / TICKS
-    if pid not in times:
-        cpuSeconds(pid)  # raises OSError for a missing process
-    total, stack = 0.0, [pid]
-    while stack:
-        p = stack.pop()
-        total += times.get(p, 0.0)
-        stack.extend(children.get(p, []))
-    return total
+    return sum(sum(int(f) for f in fields[11:15]) for fields in treeStats(pid)) / TICKS
+
+
+def treeRssBytes(pid: int) -> int:
+    """
+    The resident set size of process C{pid} and every process under it (a
+    --workers parent and its workers), summed: field C{rss} of
+    C{/proc/PID/stat}, the same count as C{VmRSS}. Pages two of them share
+    (a forked worker's copy-on-write pages) count in each.
+
+    @raise OSError: if C{pid} itself is gone.
+    """
+    return sum(int(fields[21]) for fields in treeStats(pid)) * PAGE
 
 
 def rssBytes(pid: int) -> int:

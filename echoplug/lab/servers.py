@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_servers -*-
 """
-The servers under test, each its own process, and their CPU time.
+The servers under test, each its own process, and their CPU time and RSS.
 
   - C{echoplug}: C{twistd -r REACTOR -n --pidfile= echoplug --port ...}, with
     the lab's server arguments (C{--log-level warn} unless told otherwise);
@@ -37,7 +37,7 @@ a C{NOTIFY_SOCKET} the lab binds: its port accepts as soon as the parent
 binds it, before any worker does. Its
 wake-ups are its poller calls (C{select}, C{poll}, C{epoll_wait} and their
 kin), counted by a small preloaded shared object (C{pollcount.c}) into a
-file beside its log.
+file beside its log. Its RSS is summed over the same process tree.
 
 For the C{udp} workload each kind serves UDP on its port instead: echoplug
 with C{--port udp:PORT}, asyncio and uvloop with the C{DatagramProtocol}
@@ -96,6 +96,17 @@ def cpuSeconds(pid: int) -> float:
         raise ServerError(f"cannot read the CPU time of process {pid}: {e.strerror}") from None
 
 
+def rssBytes(pid: int) -> int:
+    """
+    The resident set size of process C{pid} and of every process under it,
+    in bytes (L{procs.treeRssBytes}), as L{cpuSeconds} sums their CPU time.
+    """
+    try:
+        return procs.treeRssBytes(pid)
+    except OSError as e:
+        raise ServerError(f"cannot read the RSS of process {pid}: {e.strerror}") from None
+
+
 def label(kind: str, reactor: str) -> str:
     """How a server is named in tables and plots."""
     return f"{kind} ({reactor})" if kind in STANDALONE else f"{kind}/{reactor}"
@@ -127,6 +138,9 @@ class Server:
 
     def cpuSeconds(self) -> float:
         return cpuSeconds(self.pid)
+
+    def rssBytes(self) -> int:
+        return rssBytes(self.pid)
 
     def wakeups(self) -> int:
         """
