@@ -44,6 +44,22 @@ def test_summarize_takes_the_median_of_each_figure() -> None:
     assert [s["cpu_us_per_msg"] for s in row.samples] == pytest.approx([30.0, 10.0, 20.0])
 
 
+def test_summarize_takes_the_median_rss() -> None:
+    """Each run's RSS goes to results.json as rss_kib; the row has their median."""
+    samples = [Sample(messages=1000, msgsPerS=100, cpuSeconds=0.01, rttUs=[100],
+                      rssBytes=kib * 1024) for kib in (30_000, 10_000, 20_000, 90_000, 40_000)]
+    assert samples[0].figures()["rss_kib"] == 30_000
+    row = runner.summarize(Target("echoplug", "epoll"), Point("load", 1, 15000, 64), samples)
+    assert row.rss_kib == 30_000
+    assert [s["rss_kib"] for s in row.samples] == [30_000, 10_000, 20_000, 90_000, 40_000]
+    assert "rss_kib" in runner.COLUMNS and row.asDict()["rss_kib"] == 30_000
+    # Runs without an RSS (a Sample made without one): NaN, not a crash.
+    unread = [Sample(messages=1000, msgsPerS=100, cpuSeconds=0.01, rttUs=[100])]
+    assert math.isnan(unread[0].figures()["rss_kib"])
+    assert math.isnan(runner.summarize(Target("echoplug", "epoll"), Point("load", 1, 0, 64),
+                                       unread).rss_kib)
+
+
 def test_split_spreads_connections() -> None:
     assert runner.split(10, 3) == [4, 3, 3]
     assert runner.split(2, 4) == [1, 1]

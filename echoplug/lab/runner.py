@@ -22,6 +22,9 @@ What keeps a figure honest here:
   - each figure comes with its spread over the repeats (L{stats.spread}),
     and each run with what the rest of the machine did meanwhile
     (L{Reading}: other processes' CPU, the server's wake-ups);
+  - the server's RSS (its process tree's, as its CPU time) is read right
+    after each window, idle connections held; a row has the median of its
+    runs;
   - a server that cannot run a point is reported and skipped, never fatal:
     C{select} with more than 960 connections is "capped" (Python's
     C{select()} refuses descriptors at or above FD_SETSIZE, 1024, Twisted's
@@ -133,6 +136,9 @@ class Sample:
     #: Other processes' CPU during the window, in cores (L{conditions.Window}).
     othersCores: float = math.nan
     seconds: float = math.nan  # the window's wall time, as the runner saw it
+    #: The server's RSS right after the window, summed over its process
+    #: tree (L{servers.Server.rssBytes}).
+    rssBytes: float = math.nan
 
     @property
     def cpuUsPerMsg(self) -> float:
@@ -154,6 +160,7 @@ class Sample:
                                   else math.nan),
             "others_cores": self.othersCores,
             "seconds": self.seconds,
+            "rss_kib": self.rssBytes / 1024,
         }
 
 
@@ -163,7 +170,7 @@ FIGURES = ["msgs_per_s", "cpu_us_per_msg", "p50_us", "p99_us", "p999_us"]
 SPREAD = ("min", "max", "lo", "hi")
 COLUMNS = ["server", "reactor", "workload", "connections", "idle", "size",
            *[c for f in FIGURES for c in (f, *(f"{f}_{k}" for k in SPREAD))],
-           "wakeups_per_msg", "others_pct", "runs", "status"]
+           "rss_kib", "wakeups_per_msg", "others_pct", "runs", "status"]
 
 
 @dataclass
@@ -191,6 +198,7 @@ class Row:
     wakeups_per_msg: float = math.nan
     others_pct: float = math.nan  # other processes' CPU, % of a core, median of the runs
     samples: list[dict[str, float]] = field(default_factory=list)
+    rss_kib: float = math.nan  # the server's RSS after the window, median of the runs
 
     @property
     def ok(self) -> bool:
@@ -239,6 +247,9 @@ def summarize(target: Target, point: Point, samples: list[Sample]) -> Row:
     others = [s.othersCores for s in samples if not math.isnan(s.othersCores)]
     if others:
         row.others_pct = 100 * statistics.median(others)
+    rss = [s["rss_kib"] for s in row.samples if not math.isnan(s["rss_kib"])]
+    if rss:
+        row.rss_kib = statistics.median(rss)
     return row
 
 
@@ -360,6 +371,7 @@ def measure(server: Server, point: Point, settings: Settings) -> Sample:
         deadline = time.monotonic() + settings.duration + settings.timeout
         results = [json.loads(load.next(deadline)) for load in loads]
         after = Reading.take(server, loads)
+        rss = server.rssBytes()
     finally:
         for load in loads:
             load.close()
@@ -380,6 +392,7 @@ def measure(server: Server, point: Point, settings: Settings) -> Sample:
         wakeups=after.wakeups - before.wakeups,
         othersCores=window.othersCores,
         seconds=window.seconds,
+        rssBytes=rss,
     )
 
 
