@@ -6,6 +6,7 @@ per workload and size, capped rows shown as capped) and the PNG plots.
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def test_markdown_one_table_per_size() -> None:
     assert "## load, 64-byte messages" in text
     assert "## load, 1024-byte messages" in text
     assert "echoplug-bench --x" in text
-    assert (f"| echoplug | select | 10 | 1000 |  |  |  |  |  |  |  |  |  | 0 | {CAPPED} |"
+    assert (f"| echoplug | select | 10 | 1000 |  |  |  |  |  |  |  |  |  |  | 0 | {CAPPED} |"
             in text)
     assert "error: load client: echo mismatch" in text
 
@@ -73,7 +74,7 @@ def spreadRow() -> Row:
                spread={"msgs_per_s_min": 8000.0, "msgs_per_s_max": 9500.0,
                        "cpu_us_per_msg_min": 18.0, "cpu_us_per_msg_max": 25.0,
                        "cpu_us_per_msg_lo": 18.5, "cpu_us_per_msg_hi": 24.0},
-               others_pct=3.0,
+               others_pct=3.0, rss_kib=20480.0,
                samples=[{"cpu_us_per_msg": v, "msgs_per_s": 9000.0} for v in (18, 20, 25)])
 
 
@@ -88,7 +89,7 @@ CONDITIONS = {"cpu": "AMD EPYC", "nproc": 2, "kernel": "Linux 6", "python": "3.1
 def test_markdown_shows_the_spread_and_the_conditions() -> None:
     text = report.markdown([spreadRow()], conditions=CONDITIONS)
     assert ("| echoplug | poll | 10 | 0 | 9000 | 8000 to 9500 | 20.0 | 18.5 to 24.0 "
-            "| 18.0 to 25.0 | 300 | 900 | 1500 | 3 | 3 | ok |") in text
+            "| 18.0 to 25.0 | 300 | 900 | 1500 | 20.0 | 3 | 3 | ok |") in text
     assert "| CPU | AMD EPYC |" in text and "| load client | c (cload) |" in text
     assert "| git commit | none |" in text
     assert "Warning" not in text
@@ -102,6 +103,7 @@ def test_csv_and_json_keep_spread_conditions_and_runs(tmp_path) -> None:
     assert "# CPU: AMD EPYC" in head and "# load average before: 0.5 0.4 0.3" in head
     [back] = report.readCsv(tmp_path / "results.csv")
     assert back.value("cpu_us_per_msg_lo") == 18.5 and back.others_pct == 3.0
+    assert back.rss_kib == 20480.0
     assert math.isnan(back.value("p50_us_lo"))
     report.writeJson([spreadRow()], tmp_path / "results.json", CONDITIONS, "echoplug-bench x")
     rows, conditions, command = report.readJson(tmp_path / "results.json")
@@ -118,6 +120,53 @@ def test_a_csv_from_before_the_spread_reads(tmp_path) -> None:
                     "echoplug,poll,load,1,0,64,100.0,20.0,30,40,50,3,ok\n")
     [row] = report.readCsv(path)
     assert row.cpu_us_per_msg == 20.0 and math.isnan(row.value("cpu_us_per_msg_min"))
+    assert math.isnan(row.rss_kib)  # from before the RSS too
+    assert "| echoplug | poll | 1 | 0 | 100 |" in report.markdown([row])
+
+
+def test_a_json_from_before_the_rss_reads(tmp_path) -> None:
+    """An old results.json: no rss_kib in its rows or runs; NaN, and no memory section."""
+    old = {"command": "echoplug-bench x", "conditions": {}, "rows": [
+        {"server": "echoplug", "reactor": "epoll", "workload": "load", "connections": 1,
+         "idle": idle, "size": 64, "cpu_us_per_msg": 20.0, "runs": 1, "status": "ok",
+         "samples": [{"cpu_us_per_msg": 20.0, "msgs_per_s": 100.0}]} for idle in (0, 100)]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(old))
+    rows, _, _ = report.readJson(path)
+    assert all(math.isnan(r.rss_kib) for r in rows)
+    assert report.idleMemory(rows) == []
+    assert "Memory per idle connection" not in report.markdown(rows)
+
+
+def memoryRow(server: str, idle: int, rssKib: float, p99: float = 900.0,
+              status: str = "ok") -> Row:
+    reactor = "stdlib" if server == "asyncio" else "echoplug-epoll"
+    return Row(server, reactor, "load", 1, idle, 64, 9000.0, 20.0, 300.0, p99, 1500.0, 3,
+               status, rss_kib=rssKib)
+
+
+def test_memory_per_idle_connection() -> None:
+    """(RSS at N - RSS at 0) x 1024 / N bytes, in KiB, per server and N; p99 at N."""
+    made = [memoryRow("echoplug", 0, 20_000.0), memoryRow("echoplug", 15000, 50_000.0, 1234.0),
+            memoryRow("asyncio", 0, 10_000.0), memoryRow("asyncio", 15000, 85_000.0, 777.0),
+            memoryRow("asyncio", 3000, 13_000.0),
+            # not at idle 0 for this size: no base, no figure
+            Row("echoplug", "echoplug-epoll", "load", 1, 15000, 1024, rss_kib=90_000.0),
+            memoryRow("echoplug", 500, 99_000.0, status="error: died")]
+    found = {(m.row.server, m.row.idle): m.kibPerIdle for m in report.idleMemory(made)}
+    assert found == {("echoplug", 15000): pytest.approx(2.0),
+                     ("asyncio", 15000): pytest.approx(5.0),
+                     ("asyncio", 3000): pytest.approx(1.0)}
+    text = report.markdown(made)
+    assert "## Memory per idle connection" in text
+    assert "| echoplug | echoplug-epoll | load | 1 | 64 | 15000 | 48.8 | 2.0 | 1234 |" in text
+    assert "| asyncio | stdlib | load | 1 | 64 | 15000 | 83.0 | 5.0 | 777 |" in text
+    assert "| asyncio | stdlib | load | 1 | 64 | 3000 | 12.7 | 1.0 | 900 |" in text
+    # The per-point table has the RSS in MiB.
+    assert "| p99.9 µs | RSS MiB |" in text
+    assert "| 1500 | 19.5 | " in text
+    # Idle 0 alone: no section.
+    assert "Memory per idle connection" not in report.markdown(made[:1])
 
 
 def test_churn_is_per_connection() -> None:

@@ -3,10 +3,11 @@
 The lab's output: C{results.csv} (one row per server and point, each figure
 with its spread), C{results.json} (the same rows with every run's figures,
 and the conditions), C{results.md} (the conditions, then one table per
-message size, as vmbench reports, and the dead-connection fits), and PNG
-plots with error bars: CPU against idle connections, latency against active
-connections, C{summary.png} (the CPU per message of every server at every
-point) and C{dead_connections.png} (L{echoplug.lab.curve}).
+message size, as vmbench reports, the RSS per idle connection and the
+dead-connection fits), and PNG plots with error bars: CPU against idle
+connections, latency against active connections, C{summary.png} (the CPU per
+message of every server at every point) and C{dead_connections.png}
+(L{echoplug.lab.curve}).
 
 The CSV begins with the conditions as C{# name: value} lines
 (C{pandas.read_csv(path, comment="#")} skips them); L{readCsv} does too.
@@ -22,6 +23,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,8 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
              command: str | None = None, conditions: dict[str, Any] | None = None) -> str:
     """
     The conditions, one table per workload and message size (each figure the
-    median of its runs; CPU and rate with their 95% interval and range), and
-    the dead-connection fits.
+    median of its runs; CPU and rate with their 95% interval and range), the
+    RSS per idle connection (L{idleMemory}) and the dead-connection fits.
     """
     out = [f"# {title}", ""]
     if command:
@@ -159,11 +161,12 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
         out += [f"## {workload}, {size}-byte messages", "",
                 f"Medians of the runs; the 95% interval of the median (3 runs or more) and "
                 f"the range of the runs beside the CPU per {one} and the rate; others: "
-                f"other processes' CPU during the runs, in % of a core.", "",
+                f"other processes' CPU during the runs, in % of a core; RSS: the "
+                "server's, after each run.", "",
                 f"| server | reactor | {active} | idle | {one}/s | {one}/s range "
                 f"| CPU µs/{one} | 95% interval | range "
-                "| p50 µs | p99 µs | p99.9 µs | others % | runs | status |",
-                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+                "| p50 µs | p99 µs | p99.9 µs | RSS MiB | others % | runs | status |",
+                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
         group.sort(key=lambda r: (r.connections, r.idle, r.reactor, r.server))
         for r in group:
             _, rateSpan = spreadText(r, "msgs_per_s", 0)
@@ -172,10 +175,60 @@ def markdown(rows: Sequence[Row], title: str = "echoplug-bench results",
                        f"| {fmt(r.msgs_per_s, 0)} | {rateSpan} "
                        f"| {fmt(r.cpu_us_per_msg)} | {cpuCi} | {cpuSpan} "
                        f"| {fmt(r.p50_us, 0)} | {fmt(r.p99_us, 0)} | {fmt(r.p999_us, 0)} "
-                       f"| {fmt(r.others_pct, 0)} | {r.runs} | {r.status} |")
+                       f"| {fmt(r.rss_kib / 1024)} | {fmt(r.others_pct, 0)} | {r.runs} "
+                       f"| {r.status} |")
         out.append("")
+    out += idleMemoryText(rows)
     out += curve.markdown(rows)
     return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class IdleMemory:
+    """What a server's RSS grew by per idle connection, from idle 0 to C{row.idle}."""
+
+    row: Row  # the row at N idle connections
+    base: Row  # the same server and point at idle 0
+
+    @property
+    def kibPerIdle(self) -> float:
+        """(RSS at N - RSS at 0) / N, in KiB per idle connection."""
+        return (self.row.rss_kib - self.base.rss_kib) / self.row.idle
+
+
+def idleMemory(rows: Sequence[Row]) -> list[IdleMemory]:
+    """
+    For each measured row with N > 0 idle connections whose server and point
+    were also measured at idle 0 (an RSS in both), its RSS per idle connection.
+    """
+    def point(r: Row) -> tuple[str, str, str, int, int]:
+        return (r.server, r.reactor, r.workload, r.connections, r.size)
+
+    measured = [r for r in rows if r.ok and not math.isnan(r.rss_kib)]
+    bases = {point(r): r for r in measured if r.idle == 0}
+    found = [IdleMemory(r, bases[point(r)]) for r in measured
+             if r.idle > 0 and point(r) in bases]
+    return sorted(found, key=lambda m: (m.row.workload, m.row.size, m.row.connections,
+                                        m.row.server, m.row.reactor, m.row.idle))
+
+
+def idleMemoryText(rows: Sequence[Row]) -> list[str]:
+    """The "Memory per idle connection" table; nothing without idle 0 and N."""
+    found = idleMemory(rows)
+    if not found:
+        return []
+    out = ["## Memory per idle connection", "",
+           "The server's RSS at N idle connections less its RSS at none, over N (medians of "
+           "the runs); p99 of the active connections at N.", "",
+           "| server | reactor | workload | active | size | idle | RSS MiB "
+           "| KiB per idle conn | p99 µs |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for m in found:
+        r = m.row
+        out.append(f"| {r.server} | {r.reactor} | {r.workload} | {r.connections} | {r.size} "
+                   f"| {r.idle} | {fmt(r.rss_kib / 1024)} | {fmt(m.kibPerIdle)} "
+                   f"| {fmt(r.p99_us, 0)} |")
+    return [*out, ""]
 
 
 def lineStyle(server: str) -> dict[str, object]:
