@@ -361,10 +361,11 @@ def summary(plt: Any, rows: Sequence[Row], path: Path) -> None:
     for extra in range(len(pointsOf), nrows * ncols):
         axes[extra // ncols][extra % ncols].set_visible(False)
     labels = figureLegend(fig, axes, 4)
-    fig.suptitle("Server CPU time (utime + stime) per message, median of runs with its "
-                 "95% interval (else the range) (lower is better)", fontsize=11)
+    # Two lines: one would be cut off at the edges of a one-panel figure.
+    fig.suptitle("Server CPU time (utime + stime) per message (lower is better)\n"
+                 "median of runs with its 95% interval (else the range)", fontsize=10)
     rowsOfLegend = math.ceil(len(labels) / 4) if labels else 0
-    fig.tight_layout(rect=(0, 0.03 + 0.04 * rowsOfLegend / nrows, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.03 + 0.04 * rowsOfLegend / nrows, 1, 0.93))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
