@@ -658,6 +658,9 @@ class LeanServer(tcp.Server):
         self.client = client
         self.sessionno = sessionno
         self.hostname = client[0]
+        # For repr(), which tcp.Server formats here: the port may be closed
+        # (a drain) by the time anyone asks.
+        self.portNumber = server._realPortNumber
         # The address the port gave the factory: getPeer() hands out the
         # same one instead of building another (an access line asks).
         self.peer = peer
@@ -688,7 +691,12 @@ class LeanServer(tcp.Server):
             return self._logstr
         except AttributeError:
             protocol = self.__dict__.get("protocol")
-            prefix = "-" if protocol is None else self._getLogPrefix(protocol)
+            if protocol is None:
+                # Closed: connectionLost dropped the protocol, as Twisted's
+                # does, and kept its class (Protocol.logPrefix's answer).
+                prefix = self.protocolClass.__name__
+            else:
+                prefix = self._getLogPrefix(protocol)
             self._logstr: str = f"{prefix},{self.sessionno},{self.hostname}"
             return self._logstr
 
@@ -696,10 +704,13 @@ class LeanServer(tcp.Server):
     def logstr(self) -> str:  # type: ignore[override]
         return self.logPrefix()
 
+    #: The protocol's class, kept by connectionLost for the names above.
+    protocolClass: type = object
+
     def __repr__(self) -> str:
         protocol = self.__dict__.get("protocol")
-        name = "-" if protocol is None else type(protocol).__name__
-        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
+        name = (self.protocolClass if protocol is None else type(protocol)).__name__
+        return f"<{name} #{self.sessionno} on {self.portNumber}>"
 
     def connectionLost(self, reason: Failure) -> None:
         # Connection.connectionLost, with isinstance for reason.check.
@@ -708,10 +719,31 @@ class LeanServer(tcp.Server):
         abstract.FileDescriptor.connectionLost(self, reason)
         self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
         protocol = self.protocol
+        self.protocolClass = type(protocol)
         del self.protocol
         del self.socket
         del self.fileno
         protocol.connectionLost(reason)
+
+
+class _Replay:
+    """
+    A listening socket whose next C{accept()} raises C{error} (the one
+    L{LeanPort}'s loop just had), then accepts as the socket does.
+    """
+
+    def __init__(self, sock: socket.socket, error: OSError) -> None:
+        self._socket = sock
+        self._error: OSError | None = error
+
+    def accept(self) -> Any:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._socket.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)
 
 
 class LeanPort(tcp.Port):
@@ -733,6 +765,9 @@ class LeanPort(tcp.Port):
     """
 
     transport = LeanServer
+    #: Set by the listener that put --keepalive's options on this socket
+    #: (L{keepaliveInherited}).
+    keepaliveSet = False
 
     def doRead(self) -> None:
         try:
@@ -749,10 +784,15 @@ class LeanPort(tcp.Port):
                     fd, addr = accept()
                 except BlockingIOError:
                     break
-                except OSError:
+                except OSError as e:
                     # Twisted's loop knows each error (EMFILE: its reserved
-                    # descriptor); it accepts whatever follows too.
-                    tcp.Port.doRead(self)
+                    # descriptor; the others: a line, or a traceback): hand
+                    # it this one, then it accepts whatever follows.
+                    self.socket = _Replay(sock, e)
+                    try:
+                        tcp.Port.doRead(self)
+                    finally:
+                        self.socket = sock
                     return
                 accepted += 1
                 skt = socket.socket(*kind, fileno=fd)
@@ -785,6 +825,16 @@ def listeningSocket(port: Any) -> Any:
     or C{None}.
     """
     return getattr(port, "socket", None)
+
+
+def keepaliveInherited(transport: Any) -> bool:
+    """
+    The connection under C{transport} (TLS or not) was accepted on a
+    L{LeanPort} whose socket carries --keepalive's options, which Linux
+    copies to every socket it accepts (C{tcp.Server.server} is the port).
+    """
+    server = getattr(socketTransport(transport), "server", None)
+    return bool(getattr(server, "keepaliveSet", False))
 
 
 def leanTCPAccept(port: Any) -> bool:

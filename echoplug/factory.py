@@ -25,7 +25,12 @@ from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from echoplug._twisted import listeningSocket, socketTransport, unsentBytes
+from echoplug._twisted import (
+    keepaliveInherited,
+    listeningSocket,
+    socketTransport,
+    unsentBytes,
+)
 from echoplug.buffers import BufferBound
 from echoplug.logs import LEVELS, LogLine, formatAddress
 from echoplug.protocol import Books, Echo, TracingEcho
@@ -283,6 +288,8 @@ class EchoFactory(Books):
             proto.transport.abortConnection()
             return
         self.connections.add(proto)
+        if self.keepalive is not None and not keepaliveInherited(proto.transport):
+            self.keepalive.apply(proto.transport)
         if self.bound is not None:
             self.bound.connected(proto)
         if self.idleTimeout is not None:
@@ -449,11 +456,13 @@ class Keepalive:
     opens) closes the connection after as long, where the kernel would
     otherwise retransmit for about 15 minutes.
 
-    Set on each TCP listening socket (L{listen}), whoever made it (echoplug,
-    systemd, a C{--workers} parent): Linux copies all five options to every
-    socket it accepts there (tests/test_factory.py checks that it does), so
-    a connection costs no system call for them; five per connection were a
-    tenth of the CPU of a short one. L{apply} sets them on one connection.
+    Set once on each TCP listening socket echoplug (or its C{--workers}
+    parent) made (L{listen}): Linux copies all five options to every socket
+    it accepts there (tests/test_lean.py checks that it does), so such a
+    connection costs no system call for them; five per connection were a
+    tenth of the CPU of a short one. A systemd socket outlives echoplug and
+    keeps its unit's settings: its connections get them one by one
+    (L{apply}).
     """
 
     idle: int

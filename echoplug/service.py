@@ -164,9 +164,14 @@ class Listener(Service):
         if isinstance(self.factory, EchoFactory):
             # echoplug's accept loop and transport for the echo (not for the
             # metrics site): the same behaviour, less work per connection.
-            leanTCPAccept(port)
-            if self.factory.keepalive is not None:
-                self.factory.keepalive.listen(port)
+            lean = leanTCPAccept(port)
+            keepalive = self.factory.keepalive
+            if keepalive is not None and lean and not self.description.startswith("systemd:"):
+                # Once on a socket echoplug (or its --workers parent) made;
+                # a systemd socket outlives us and keeps its unit's settings,
+                # so its connections get the options one by one.
+                keepalive.listen(port)
+                port.keepaliveSet = True  # type: ignore[attr-defined]
         self.port = port
         name = reactorName(reactor)
         self.log.info(

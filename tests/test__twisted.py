@@ -369,6 +369,23 @@ LEAN_TCP_PINNED = {
     "Connection.doRead": "20ac74ffecd6b7f2",
     "Connection._dataReceived": "7ed147aeca0c7f8a",
 }
+#: Not copied, but relied on: closeNow leaves the stops to FileDescriptor's
+#: connectionLost, and LeanServer's close to _closeSocket's flag and reset.
+LEAN_TCP_RELIED = {
+    "FileDescriptor.connectionLost": "1e0b14c7c3f9d02d",
+    "_SocketCloser._closeSocket": "9aa82f5b862c8498",
+}
+
+
+@pytest.mark.parametrize("name", LEAN_TCP_RELIED)
+def test_lean_tcp_relies_on_unchanged_methods(name: str) -> None:
+    from twisted.internet import abstract
+
+    cls, method = name.split(".")
+    owner = abstract.FileDescriptor if cls == "FileDescriptor" else tcp._SocketCloser
+    source = inspect.getsource(getattr(owner, method))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == LEAN_TCP_RELIED[name], (
+        f"Twisted's {name} changed: review echoplug._twisted.closeNow and LeanServer")
 
 
 @pytest.mark.parametrize("name", LEAN_TCP_PINNED)

@@ -53,10 +53,11 @@ def listening() -> Any:
     started: list[EchoService] = []
 
     @defer.inlineCallbacks
-    def start(description: str = "tcp:0:interface=127.0.0.1", **kw: Any) -> Any:
+    def start(description: str = "tcp:0:interface=127.0.0.1", label: str | None = None,
+              **kw: Any) -> Any:
         factory = EchoFactory(logLevel="warn", **kw)
         service = EchoService(factory)
-        service.listen(description, serverFromString(reactor, description))
+        service.listen(label or description, serverFromString(reactor, description))
         service.privilegedStartService()
         service.startService()
         started.append(service)
@@ -190,18 +191,38 @@ class FailingAccept:
 @pytest.mark.parametrize("code", [errno.EPERM, errno.ECONNABORTED, errno.EMFILE])
 def test_accept_errors_go_to_twisteds_loop(listening, code: int) -> None:
     """
-    Any accept error but EAGAIN runs Twisted's doRead, which knows each one
-    (EMFILE: its reserved descriptor); the client queued behind is served.
+    Any accept error but EAGAIN goes to Twisted's doRead, which knows each
+    one (EMFILE: its reserved descriptor; ECONNABORTED: a line) and gets
+    that very error; the client queued behind is served.
     """
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
     port, factory = yield listening()
     wrapped = FailingAccept(port.socket, [code])
     port.socket = wrapped
     try:
-        assert (yield echoOnce(port.getHost().port, b"after an error")) == b"after an error"
+        first = yield echoOnce(port.getHost().port, b"after an error")
+        later = yield echoOnce(port.getHost().port, b"later")
     finally:
         port.socket = wrapped._socket
-    assert wrapped.stockAccepts >= 1 and not wrapped.errors
-    assert factory.accepted == 1
+        globalLogPublisher.removeObserver(events.append)
+    assert not wrapped.errors and port.socket is wrapped._socket
+    if code == errno.EMFILE:
+        # Twisted's recovery: the clients queued then are closed unserved.
+        assert first == b"" and factory.accepted == 1
+    else:
+        assert first == b"after an error" and factory.accepted == 2
+    assert later == b"later"
+    if code == errno.EPERM:
+        # Twisted's loop skips it and accepts the next one itself.
+        assert wrapped.stockAccepts >= 1
+    said = [e.get("acceptError") for e in events
+            if e.get("log_format") == "Could not accept new connection ({acceptError})"]
+    assert said == (["ECONNABORTED"] if code == errno.ECONNABORTED else [])
+    emfile = [e for e in events if "EMFILE" in str(e.get("log_format", ""))]
+    assert bool(emfile) == (code == errno.EMFILE)
 
 
 @pytest_twisted.inlineCallbacks
@@ -235,6 +256,7 @@ def test_keepalive_is_set_once_on_the_listener_and_inherited(listening) -> None:
     """
     keep = Keepalive.after(300)
     port, factory = yield listening(keepalive=keep)
+    assert port.keepaliveSet
     got: list[tuple[int, ...]] = []
     made = factory.connectionMade
 
@@ -249,3 +271,112 @@ def test_keepalive_is_set_once_on_the_listener_and_inherited(listening) -> None:
     factory.connectionMade = spy
     yield echoOnce(port.getHost().port, b"k")
     assert got == [(True, keep.idle, keep.interval, keep.count, keep.userTimeout)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_abort_resets_and_clean_close_does_not(listening) -> None:
+    """The client sees a reset for an abort (SO_LINGER 0), a FIN for a close."""
+    port, factory = yield listening()
+    made = factory.connectionMade
+    factory.connectionMade = lambda p: (made(p), p.transport.abortConnection())
+
+    def exchange(payload: bytes) -> tuple[bytes, str]:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as c:
+            got = b""
+            try:
+                c.sendall(payload)
+                c.shutdown(socket.SHUT_WR)
+                while chunk := c.recv(65536):
+                    got += chunk
+            except OSError as e:
+                # The reset may come before the shutdown (ENOTCONN) or the read.
+                if e.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
+                    return got, "reset"
+                raise
+            return got, "fin"
+
+    from twisted.internet import threads
+
+    assert (yield threads.deferToThread(exchange, b"cut")) == (b"", "reset")
+    factory.connectionMade = made
+    assert (yield threads.deferToThread(exchange, b"whole")) == (b"whole", "fin")
+
+
+@pytest_twisted.inlineCallbacks
+def test_closed_transports_leave_the_reactor_and_keep_their_names(listening) -> None:
+    port, factory = yield listening()
+    seen: list[Any] = []
+    made = factory.connectionMade
+    factory.connectionMade = lambda p: (seen.append(p.transport), made(p))
+    for _ in range(2):
+        yield echoOnce(port.getHost().port, b"x")
+    first, second = seen
+    assert (first.sessionno, second.sessionno) == (0, 1)
+    for t in seen:
+        assert t not in reactor.getReaders() and t not in reactor.getWriters()
+        assert t.disconnected and not t.connected
+    number = port.getHost().port
+    assert second.logPrefix() == "Echo,1,127.0.0.1"  # first asked after the close
+    assert repr(second) == f"<Echo #1 on {number}>"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_systemd_socket_keeps_its_settings_and_connections_get_keepalive(listening) -> None:
+    """
+    A socket systemd passed outlives echoplug: the options go on each
+    connection, not on the listener.
+    """
+    keep = Keepalive.after(300)
+    port, factory = yield listening(label="systemd:name=echo", keepalive=keep)
+    assert type(port) is _twisted.LeanPort and not port.keepaliveSet
+    assert port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    got: list[int] = []
+    made = factory.connectionMade
+
+    def spy(proto: Any) -> None:
+        made(proto)
+        got.append(proto.transport.getHandle().getsockopt(socket.IPPROTO_TCP,
+                                                          socket.TCP_KEEPIDLE))
+
+    factory.connectionMade = spy
+    yield echoOnce(port.getHost().port, b"k")
+    assert got == [keep.idle]
+
+
+class ScopedAccept(FailingAccept):
+    """Accepts as the socket does, but names the peer fe80::1 on interface 1."""
+
+    def _accept(self) -> Any:
+        fd, addr = self._socket._accept()  # type: ignore[attr-defined]
+        return fd, ("fe80::1", addr[1], 0, 1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ipv6_peer_keeps_its_scope(listening) -> None:
+    """As Twisted does: an IPv6 peer's scope ID is in its host (getnameinfo)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        expected = socket.getnameinfo(("fe80::1", 1, 0, 1),
+                                      socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+    except OSError:
+        pytest.skip("no IPv6 here")
+    port, factory = yield listening(r"tcp6:0:interface=\:\:1")
+    peers: list[Any] = []
+    made = factory.connectionMade
+    factory.connectionMade = lambda p: (peers.append(p.transport.getPeer()), made(p))
+    wrapped = ScopedAccept(port.socket, [])
+    port.socket = wrapped
+    try:
+        from twisted.internet.endpoints import TCP6ClientEndpoint
+
+        proto = Collect()
+        p = yield TCP6ClientEndpoint(reactor, "::1", port.getHost().port).connect(
+            protocol.Factory.forProtocol(lambda: proto))
+        p.transport.write(b"scoped")
+        p.transport.loseWriteConnection()
+        assert (yield proto.done) == b"scoped"
+    finally:
+        port.socket = wrapped._socket
+    assert isinstance(peers[0], IPv6Address) and peers[0].host == expected
+    assert "%" in expected
