@@ -16,7 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 
 from echoplug import _twisted
@@ -39,8 +43,10 @@ class Collect(protocol.Protocol):
 
 @defer.inlineCallbacks
 def echoOnce(port: int, payload: bytes, host: str = "127.0.0.1") -> Any:
+    """Send C{payload}, half-close, and return all that comes back (IPv4 or IPv6)."""
     proto = Collect()
-    ep = TCP4ClientEndpoint(reactor, host, port)
+    endpoint = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    ep = endpoint(reactor, host, port)
     p = yield ep.connect(protocol.Factory.forProtocol(lambda: proto))
     p.transport.write(payload)
     p.transport.loseWriteConnection()
@@ -126,14 +132,7 @@ def test_lean_listener_over_ipv6(listening) -> None:
     peers: list[Any] = []
     made = factory.connectionMade
     factory.connectionMade = lambda p: (peers.append(p.transport.getPeer()), made(p))
-    proto = Collect()
-    from twisted.internet.endpoints import TCP6ClientEndpoint
-
-    p = yield TCP6ClientEndpoint(reactor, "::1", port.getHost().port).connect(
-        protocol.Factory.forProtocol(lambda: proto))
-    p.transport.write(b"six")
-    p.transport.loseWriteConnection()
-    assert (yield proto.done) == b"six"
+    assert (yield echoOnce(port.getHost().port, b"six", "::1")) == b"six"
     assert isinstance(peers[0], IPv6Address) and peers[0].host == "::1"
 
 
@@ -368,14 +367,7 @@ def test_ipv6_peer_keeps_its_scope(listening) -> None:
     wrapped = ScopedAccept(port.socket, [])
     port.socket = wrapped
     try:
-        from twisted.internet.endpoints import TCP6ClientEndpoint
-
-        proto = Collect()
-        p = yield TCP6ClientEndpoint(reactor, "::1", port.getHost().port).connect(
-            protocol.Factory.forProtocol(lambda: proto))
-        p.transport.write(b"scoped")
-        p.transport.loseWriteConnection()
-        assert (yield proto.done) == b"scoped"
+        assert (yield echoOnce(port.getHost().port, b"scoped", "::1")) == b"scoped"
     finally:
         port.socket = wrapped._socket
     assert isinstance(peers[0], IPv6Address) and peers[0].host == expected
