@@ -216,13 +216,11 @@ def closeNow(transport: Any) -> None:
     """
     The steps C{FileDescriptor} takes when its buffer is flushed after
     C{loseConnection}: stop reading and writing, C{connectionLost} with
-    C{ConnectionDone}. Only for a transport that is L{idle}.
+    C{ConnectionDone}. Only for a transport that is L{idle}: a plain TCP or
+    UNIX one (L{echoplug.eager.PLAIN}), whose C{connectionLost} runs
+    C{FileDescriptor.connectionLost}, which stops reading and writing first
+    thing (pinned in tests/test__twisted.py), with no producer to stop.
     """
-    if type(transport) is not LeanServer:
-        transport.stopReading()
-        transport.stopWriting()
-    # LeanServer's connectionLost (FileDescriptor's) stops both first thing,
-    # with no producer to stop: the same steps, two calls fewer.
     transport.connectionLost(_DONE)
 
 

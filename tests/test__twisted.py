@@ -386,6 +386,10 @@ def test_lean_tcp_relies_on_unchanged_methods(name: str) -> None:
     source = inspect.getsource(getattr(owner, method))
     assert hashlib.sha256(source.encode()).hexdigest()[:16] == LEAN_TCP_RELIED[name], (
         f"Twisted's {name} changed: review echoplug._twisted.closeNow and LeanServer")
+    # closeNow leaves the stops to it for every plain transport: each one's
+    # connectionLost is Connection's (pinned above), which calls it.
+    assert unix.Server.connectionLost is tcp.Connection.connectionLost
+    assert tcp.Client._commonConnection is tcp.Connection
 
 
 @pytest.mark.parametrize("name", LEAN_TCP_PINNED)
